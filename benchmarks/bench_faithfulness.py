@@ -4,32 +4,37 @@ ablations (LDS, top-k drop, Kendall tau vs leave-one-out and gradient x input, a
     python benchmarks/bench_faithfulness.py --small                  # CI: 3 held-out tasks, few masks (minutes, CPU)
     python benchmarks/bench_faithfulness.py                          # full held-out split, by hand (hours on CPU)
     python benchmarks/bench_faithfulness.py --estimator smollm2.safetensors   # include a trained AT2 estimator
+    python benchmarks/bench_faithfulness.py --out runs/faith.csv               # resumable: finished tasks are kept
 
 Tasks: ../shared/data/squad_v2/dev_subset.json (or --data), one per paragraph: the paragraph is the context (split
 into sentences = sources), its first answerable question the query, SmolLM2's own greedy answer the target.
 Split (``at2_lens.evaluation.squad``): a paragraph is held out when int(sha256(question id), 16) % 5 == 0, else it
 is in the training split (for training an estimator, e.g. ``at2-lens collect`` on it; never evaluated here).
 
-Without --estimator AT2 is represented by its uniform-weight starting point, which is exactly average attention
-(``avg_attention``); it is labelled as such, never as AT2. Costs are printed as passes and as wall time divided by
-one forward pass over the same tokens measured in the same run, not as absolute seconds. One torch thread by
-default (--threads), which made timings stable on a shared CPU.
+AT2 (method ``at2``) uses --estimator, else the estimator shipped for the model (SmolLM2:
+``at2_lens/estimators/smollm2-135m-instruct.safetensors``); a model with neither is represented by AT2's uniform-weight
+start, labelled ``at2_uniform`` (exactly average attention), never as AT2. Costs are printed as passes and as wall
+time divided by one forward pass over the same tokens measured in the same run, not as absolute seconds.
+One torch thread by default (--threads), which made timings stable on a shared CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import warnings
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
+from at2_lens._io import atomic_write_text  # noqa: E402
 from at2_lens.evaluation.evaluate import evaluate, markdown_table, resolve_metrics, summarize  # noqa: E402
 from at2_lens.evaluation.methods import build_methods  # noqa: E402
 from at2_lens.evaluation.squad import HELD_OUT_MODULUS, squad_split  # noqa: E402
@@ -38,14 +43,14 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad_
 SMALL = {
     "limit": 3, "n_eval_masks": 16, "ks": (1, 3), "max_new_tokens": 12, "n_permutations": 8,
     "adversarial": {"steps": 6, "layers": [-1]},
-    "methods": ["avg_attention", "last_layer_attention", "loo", "contextcite32", "gradxinput"],
+    "methods": ["at2", "avg_attention", "last_layer_attention", "loo", "contextcite32", "gradxinput"],
     "metrics": ["lds", "topk_drop", "kendall_loo", "kendall_gradxinput", "attention_checks"],
 }
 FULL = {
     "limit": None, "n_eval_masks": 32, "ks": (1, 3, 5), "max_new_tokens": 32, "n_permutations": 32,
     "adversarial": {"steps": 30, "layers": None},
-    "methods": ["avg_attention", "last_layer_attention", "loo", "loo_remove", "contextcite32", "contextcite64",
-                "contextcite128", "contextcite256", "gradxinput", "ig20"],
+    "methods": ["at2", "avg_attention", "last_layer_attention", "loo", "loo_remove", "contextcite32",
+                "contextcite256", "gradxinput", "ig20"],
     "metrics": ["all"],
 }
 
@@ -55,14 +60,18 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="CI mode: 3 held-out tasks, 16 masks, cheap settings")
     ap.add_argument("--model", default="smollm2", help="'smollm2' (default), 'tiny' (smoke run) or a model path")
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="SQuAD-format JSON file (default: ../shared/data)")
-    ap.add_argument("--estimator", default=None, help="AT2 estimator file to include as method 'at2'")
+    ap.add_argument("--estimator", default=None,
+                    help="AT2 estimator file for method 'at2' (default: the one shipped for the model, if any)")
     ap.add_argument("--limit", type=int, default=None, help="use only the first N held-out tasks")
     ap.add_argument("--n-eval-masks", type=int, default=None, help="held-out ablations per task for LDS")
     ap.add_argument("--methods", default=None, help="comma-separated method names (see at2-lens evaluate --help)")
     ap.add_argument("--metrics", default=None, help="comma-separated metric names or aliases")
     ap.add_argument("--mode", default="mask", choices=["mask", "remove"], help="ground-truth ablation (default mask)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the held-out masks and checks (default 0)")
-    ap.add_argument("--out", default=None, help="write the tidy per-task results to this CSV")
+    ap.add_argument("--out", default=None,
+                    help="tidy per-task results CSV, rewritten atomically after every task; when it exists, the "
+                         "tasks it holds are kept and the run resumes with the next one (same settings required)")
+    ap.add_argument("--table-only", action="store_true", help="print the table of an existing --out CSV and stop")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: on a shared 2-core machine two threads spin-wait on each "
                          "other and a forward pass became ~15x slower and erratic; 0 = torch's own choice)")
@@ -93,27 +102,63 @@ def main() -> None:
     limit = args.limit if args.limit is not None else cfg["limit"]
     tasks = held[:limit] if limit is not None else held
     n_masks = args.n_eval_masks or cfg["n_eval_masks"]
-    torch.manual_seed(0)
-    df = evaluate(methods, tasks, metrics, model=model, n_eval_masks=n_masks, ks=cfg["ks"], mode=args.mode,
-                  seed=args.seed, max_new_tokens=cfg["max_new_tokens"], n_permutations=cfg["n_permutations"],
-                  adversarial=adversarial, progress=True)
+    settings = {"model": args.model, "data": Path(args.data).name, "methods": list(methods), "metrics": metrics,
+                "n_eval_masks": n_masks, "ks": list(cfg["ks"]), "mode": args.mode, "seed": args.seed,
+                "max_new_tokens": cfg["max_new_tokens"], "n_permutations": cfg["n_permutations"],
+                "adversarial": adversarial, "estimator": args.estimator}
+    done, gt_passes = _load_partial(args.out, settings)
+    finished = set(done["task"]) if not done.empty else set()
+    for ti, task in enumerate(tasks):
+        if args.table_only or ti in finished:
+            continue
+        torch.manual_seed(ti)
+        part = evaluate(methods, [task], metrics, model=model, n_eval_masks=n_masks, ks=cfg["ks"], mode=args.mode,
+                        seed=args.seed, max_new_tokens=cfg["max_new_tokens"], n_permutations=cfg["n_permutations"],
+                        adversarial=adversarial, task_ids=[ti], progress=True)
+        done = part if done.empty else pd.concat([done, part], ignore_index=True)
+        gt_passes += int(part.attrs["ground_truth_forward_passes"])
+        if args.out:
+            _save_partial(args.out, done, settings, gt_passes)
+    if done.empty:
+        raise SystemExit("no finished task to report")
+    df = done
     print(f"# Faithfulness benchmark ({'small' if args.small else 'full'})\n")
     print(f"model: {args.model}; data: {Path(args.data).name}; split: held out when sha256(question id) % "
           f"{HELD_OUT_MODULUS} == 0 -> {len(held)} held-out / {len(train)} train paragraphs; evaluated "
-          f"{len(tasks)} held-out tasks (sentences as sources, the model's greedy answer as target).")
+          f"{df['task'].nunique()} held-out tasks (sentences as sources, the model's greedy answer as target).")
     print(f"ground truth: {n_masks} held-out random {args.mode} ablations per task (keep prob 0.5), shared by all "
-          f"methods: {df.attrs['ground_truth_forward_passes']} forward passes in all. LDS output: logit-prob; "
+          f"methods: {gt_passes} forward passes in all. LDS output: logit-prob; "
           "top-k drop: log-prob (nats).")
     if "at2" in methods:
-        print(f"at2: estimator {args.estimator}")
-    elif "at2_uniform" not in methods:
-        print("no AT2 estimator given: AT2 appears only as its uniform-weight start, avg_attention "
-              "(= AT2 with w = 1/(L*H)), not as trained AT2.")
+        print(f"at2: estimator {args.estimator or 'shipped with at2_lens for this model'}")
+    elif "at2_uniform" in methods:
+        print("no AT2 estimator for this model: at2_uniform is AT2's uniform-weight start (= average attention).")
     print("costs: mean passes per task (sequences through the model) and wall time / one forward pass, same run.\n")
     print(markdown_table(summarize(df)))
     if args.out:
-        df.to_csv(args.out, index=False)
         print(f"\nper-task results: {Path(args.out).resolve()}")
+
+
+def _load_partial(out: str | None, settings: dict) -> tuple[pd.DataFrame, int]:
+    """Rows of the tasks finished by an earlier run with the same settings (empty when none)."""
+    if not out or not Path(out).is_file():
+        return pd.DataFrame(columns=["task"]), 0
+    meta_path = Path(out).with_suffix(".json")
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if meta.get("settings") != json.loads(json.dumps(settings)):
+        raise SystemExit(f"{out} was written with other settings ({meta_path}); use another --out")
+    df = pd.read_csv(out)
+    df["k"] = df["k"].astype("Int64")
+    print(f"resuming: {df['task'].nunique()} finished tasks read from {out}", file=sys.stderr)
+    return df, int(meta.get("ground_truth_forward_passes", 0))
+
+
+def _save_partial(out: str, df: pd.DataFrame, settings: dict, gt_passes: int) -> None:
+    """Write the rows and their settings atomically: an interrupted run never leaves a half-written CSV."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(out), df.to_csv(index=False))
+    atomic_write_text(Path(out).with_suffix(".json"), json.dumps(
+        {"settings": settings, "ground_truth_forward_passes": gt_passes}, indent=1))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from scipy.spatial.distance import jensenshannon
@@ -222,6 +223,21 @@ def test_evaluate_on_two_tasks_returns_the_tidy_table(tiny_llama: Any) -> None:
     assert {"lds", "topk_drop_mask@1", "forward passes", "time / forward"} <= set(summary.columns)
     table = markdown_table(summary)
     assert table.count("\n") == len(summary) + 1 and "| loo |" in table
+
+
+def test_evaluating_task_by_task_with_global_ids_equals_evaluating_together(tiny_llama: Any) -> None:
+    """Resuming and sharding evaluate a split piecewise; with the global task ids the rows must not change."""
+    tasks = [_tokenized(tiny_llama, "Which city?"), _tokenized(tiny_llama, "What colour is the sky?")]
+    methods = {"avg_attention": AverageAttention(tiny_llama), "contextcite8": ContextCite(tiny_llama, 8)}
+    kw: dict[str, Any] = {"n_eval_masks": 6, "ks": (1, 2), "n_permutations": 2}
+    metrics = ["lds", "topk_drop_mask", "attn_permutation"]
+    whole = evaluate(methods, tasks, metrics, **kw)
+    parts = [evaluate(methods, [t], metrics, task_ids=[i], **kw) for i, t in enumerate(tasks)]
+    piecewise = pd.concat(parts, ignore_index=True)
+    cols = ["method", "task", "metric", "k", "value", "forward_passes"]
+    pd.testing.assert_frame_equal(whole[cols], piecewise[cols])
+    with pytest.raises(InputError, match="task_ids"):
+        evaluate(methods, tasks, metrics, task_ids=[0, 0], **kw)
 
 
 def test_metric_and_method_names(tiny_llama: Any) -> None:

@@ -132,6 +132,7 @@ def evaluate(
     permutation: Mapping[str, Any] | None = None,
     adversarial: Mapping[str, Any] | None = None,
     references: Mapping[str, Any] | None = None,
+    task_ids: Sequence[int] | None = None,
     progress: bool | Callable[[str], None] = False,
 ) -> pd.DataFrame:
     """Evaluate attribution methods on tasks; returns a tidy DataFrame, one row per method × task × metric (× k).
@@ -157,6 +158,9 @@ def evaluate(
         adversarial: keyword arguments for ``adversarial_attention`` (e.g. ``{"steps": 30, "layers": [29]}``).
         references: ``{"loo": ..., "gradxinput": ...}`` reference methods for Kendall τ; by default a method of
             the right class in ``methods`` is reused, else ``LeaveOneOut(model, mode=mode)`` / ``GradientXInput``.
+        task_ids: the global index of each task (default ``0..len(tasks)-1``): the ``task`` column and the seed of
+            the task's held-out masks and checks. Evaluating a split task by task (resuming, sharding) with the
+            global indices gives the same rows as evaluating it whole.
         progress: True to log to stderr, or a callable taking a line.
 
     Columns: ``method, task, metric, k, value, n_sources, forward_passes, backward_passes, time_ratio``; the cost
@@ -169,6 +173,9 @@ def evaluate(
     if not tasks:
         raise InputError("tasks: expected at least one task")
     metric_list = resolve_metrics(metrics)
+    ids = list(range(len(tasks))) if task_ids is None else [int(i) for i in task_ids]
+    if len(ids) != len(tasks) or len(set(ids)) != len(ids) or any(i < 0 for i in ids):
+        raise InputError(f"task_ids: expected {len(tasks)} distinct non-negative integers, one per task, got {ids}")
     mode = check_mode(mode)
     output = check_output_type(output)
     if n_eval_masks < 2:
@@ -190,7 +197,7 @@ def evaluate(
     refs = _references(methods, model, mode, references, metric_list)
     rows: list[dict[str, Any]] = []
     gt_passes = 0
-    for ti, raw in enumerate(tasks):
+    for ti, raw in zip(ids, tasks, strict=True):
         task = prepare_task(backend, raw, max_new_tokens)
         n_src = task.n_sources
         fwd_times = _forward_times(model, task.input_ids, timing_repeats)
