@@ -11,7 +11,7 @@
 
 ``pruning_sweep`` masks the least important heads first (their attention pattern is zeroed at the attention
 intervention, ``Backend.pattern_hooks``, so the head contributes nothing but the output bias) and re-evaluates
-accuracy; ``compare_pruning`` runs every method, ``plot_pruning`` draws the curves (needs matplotlib).
+accuracy; ``compare_pruning`` runs every method, ``plot_pruning`` draws the curves (matplotlib).
 
 A classifier is any object with ``forward(tokens, attention_mask=None, fwd_hooks=()) -> probabilities [batch, n]``,
 ``tokenize(texts) -> (tokens, attention_mask)`` and ``backend`` (or ``model``), e.g. ``SentimentClassifier``.
@@ -398,7 +398,7 @@ def compare_pruning(
 def plot_pruning(df: pd.DataFrame, path: str | None = None, *, title: str | None = None) -> Figure:
     """Accuracy against the fraction of heads pruned, one line per method; saved to ``path`` if given.
 
-    Needs matplotlib (``pip install matplotlib``); it is not a dependency of at2_lens.
+    Uses matplotlib's object-oriented API (no pyplot state), imported only when called.
     """
     try:
         from matplotlib.figure import Figure  # object-oriented API: no pyplot state, no backend switch
