@@ -1,0 +1,334 @@
+"""Adversarial triggers from attention attributions (Hao et al., AAAI 2021, §"Adversarial attack").
+
+The interactions AttAttr finds most important on training examples are reused as a non-targeted attack:
+
+1. ``mine_trigger_patterns``: for every training example, attribute the classifier's output to the attention of
+   the chosen layers, take the max over heads (and layers) for every (query, key) pair of content tokens, and keep
+   the ``top_k`` pairs. A pattern is the token pair ``key → query`` with the example's gold class; patterns are
+   counted per class and the most frequent are returned, with the mean relative positions (0 = first content
+   token, 1 = last) at which their two tokens occurred;
+2. ``insert_pattern``: put the pattern's two tokens into another example's content tokens at the same relative
+   positions (token ids are inserted directly, so no re-tokenisation can split or merge them; special tokens such
+   as ``[CLS]``/``[SEP]`` stay where they are);
+3. ``trigger_attack``: accuracy on evaluation examples before and after inserting each pattern, as a DataFrame.
+
+Works with any encoder classifier object that ``at2_lens.attattr.heads`` accepts (``tokenize``, ``forward`` with
+``fwd_hooks``, ``backend`` or ``model``, and a linear ``head`` or an ``output_func``), e.g. ``SentimentClassifier``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import Tensor
+
+from at2_lens.attattr._utils import OutputFunc, as_layer_list
+from at2_lens.attattr.attribution import AttentionAttribution
+from at2_lens.attattr.heads import _batches, _check_batch_size, _check_texts_labels, classifier_backend
+from at2_lens.attattr.heads import classifier_output_func as _output_func
+from at2_lens.errors import InputError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+Examples = Literal["all", "other", "same"]
+
+
+@dataclass(frozen=True)
+class TriggerPattern:
+    """A ``key → query`` token interaction mined by AttAttr, with the class and positions it was found at.
+
+    Attributes:
+        key_id, query_id: token ids (the key token is read by the query token).
+        key_token, query_token: their texts (tokenizer pieces).
+        source_class: the gold class of the training examples it was mined from.
+        count: in how many of those examples it was among the top pairs.
+        key_rel, query_rel: mean relative positions among the content tokens (0 = first, 1 = last).
+        score: mean normalised attribution of the pair where it was mined (per example, divided by the example's
+            largest pair score).
+    """
+
+    key_id: int
+    query_id: int
+    key_token: str
+    query_token: str
+    source_class: int
+    count: int
+    key_rel: float
+    query_rel: float
+    score: float = 0.0
+
+    @property
+    def name(self) -> str:
+        """``"key → query"``, e.g. ``"dull → film"``."""
+        return f"{self.key_token} → {self.query_token}"
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+def _special_ids(tokenizer: Any) -> set[int]:
+    return {int(i) for i in (getattr(tokenizer, "all_special_ids", None) or [])}
+
+
+def content_span(ids: Sequence[int], special: set[int]) -> tuple[int, int]:
+    """``(first, end)``: the content tokens are ``ids[first:end]`` (leading/trailing special tokens excluded)."""
+    first = 0
+    while first < len(ids) and ids[first] in special:
+        first += 1
+    end = len(ids)
+    while end > first and ids[end - 1] in special:
+        end -= 1
+    return first, end
+
+
+def relative_position(index: int, n: int) -> float:
+    """Position ``index`` of ``n`` content tokens as a fraction: 0 for the first, 1 for the last."""
+    return index / (n - 1) if n > 1 else 0.0
+
+
+def insert_pattern(content: Sequence[int], pattern: TriggerPattern) -> tuple[list[int], tuple[int, int]]:
+    """Insert the pattern's key and query tokens into ``content`` (token ids) at its relative positions.
+
+    Token ``t`` with relative position ``r`` goes before the original token ``round(r · n)`` (at the end for
+    ``r = 1``), so a pattern found at the start of its sentences lands at the start, one from the end lands at
+    the end; when both land on the same gap they keep their mined order.
+
+    Returns:
+        ``(new_content, (key_index, query_index))``: the new ids and where the two tokens are in them.
+    """
+    n = len(content)
+    items = sorted(
+        [(round(pattern.key_rel * n), pattern.key_rel, 0, pattern.key_id),
+         (round(pattern.query_rel * n), pattern.query_rel, 1, pattern.query_id)]
+    )
+    out: list[int] = []
+    where = [0, 0]
+    k = 0
+    for i in range(n + 1):
+        while k < len(items) and items[k][0] == i:
+            where[items[k][2]] = len(out)
+            out.append(items[k][3])
+            k += 1
+        if i < n:
+            out.append(int(content[i]))
+    return out, (where[0], where[1])
+
+
+def _check_examples(examples: object) -> Examples:
+    if examples not in ("all", "other", "same"):
+        raise InputError(f"examples: expected 'all', 'other' or 'same', got {examples!r}")
+    return examples  # type: ignore[return-value]
+
+
+def _check_positive(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{name}: expected an integer >= 1, got {value!r}")
+    return value
+
+
+# ------------------------------------------------------------------------------------------------------- mining
+def mine_trigger_patterns(
+    classifier: Any,
+    texts: Sequence[str],
+    labels: Sequence[int],
+    *,
+    layers: int | Sequence[int] | None = None,
+    top_k: int = 1,
+    n_patterns: int = 3,
+    target: Literal["predicted", "gold"] = "predicted",
+    n_steps: int = 8,
+    batch_size: int = 8,
+    output_func: OutputFunc | None = None,
+) -> list[TriggerPattern]:
+    """The most frequent top-attributed ``key → query`` token pairs of each class of ``texts``.
+
+    Args:
+        classifier: an encoder classifier (see the module docstring).
+        texts, labels: training examples and their gold classes.
+        layers: the layers whose attributions are searched (default: all); a pair's score is its max over these
+            layers' heads.
+        top_k: pairs kept per example (pairs of two content tokens at different positions, positive score).
+        n_patterns: patterns returned per class, most frequent first (ties: higher mean score first).
+        target: AttAttr's F is the probability of the ``"predicted"`` or of the ``"gold"`` class.
+        n_steps, batch_size: integration steps and examples per attribution call.
+        output_func: F inside the attributed pass (default: from the classifier, see ``classifier_output_func``).
+
+    Returns:
+        ``TriggerPattern`` objects, class by class (ascending class index), most frequent first.
+    """
+    texts, gold = _check_texts_labels(texts, labels, need_labels=True)
+    assert gold is not None
+    top_k = _check_positive("top_k", top_k)
+    n_patterns = _check_positive("n_patterns", n_patterns)
+    batch_size = _check_batch_size(batch_size)
+    if target not in ("predicted", "gold"):
+        raise InputError(f"target: expected 'predicted' or 'gold', got {target!r}")
+    backend = classifier_backend(classifier)
+    layer_list = backend.check_layers(as_layer_list(layers))
+    func = output_func if output_func is not None else _output_func(classifier)
+    attributor = AttentionAttribution(backend, func)
+    tokenizer = backend.tokenizer
+    special = _special_ids(tokenizer)
+
+    # (key_id, query_id, class) -> [count, sum key_rel, sum query_rel, sum score]
+    stats: dict[tuple[int, int, int], list[float]] = {}
+    for idx in _batches(texts, batch_size):
+        tokens, mask = classifier.tokenize([texts[i] for i in idx])
+        tgt = torch.tensor([gold[i] for i in idx]) if target == "gold" else None
+        res = attributor.attribute(tokens, target=tgt, layers=layer_list, n_steps=n_steps, attention_mask=mask)
+        attr = res.attributions if res.batched else res.attributions[None]  # [batch, layer, head, q, k]
+        pair_scores = attr.detach().float().amax(dim=(1, 2)).cpu()  # [batch, q, k]
+        for row, i in enumerate(idx):
+            real = mask[row].bool().nonzero().reshape(-1)
+            ids = tokens[row][real].tolist()
+            first, end = content_span(ids, special)
+            n = end - first
+            if n < 2:
+                continue
+            pos = real[first:end]
+            s = pair_scores[row][pos][:, pos].clone()
+            s.fill_diagonal_(float("-inf"))
+            best = float(s.max())
+            if best <= 0:
+                continue
+            flat = s.reshape(-1)
+            order = torch.argsort(flat, descending=True, stable=True)[:top_k]
+            for o in order.tolist():
+                value = float(flat[o])
+                if value <= 0:
+                    break
+                q, k = divmod(o, n)
+                key = (int(ids[first + k]), int(ids[first + q]), gold[i])
+                entry = stats.setdefault(key, [0.0, 0.0, 0.0, 0.0])
+                entry[0] += 1
+                entry[1] += relative_position(k, n)
+                entry[2] += relative_position(q, n)
+                entry[3] += value / best
+    patterns: list[TriggerPattern] = []
+    for cls in sorted({c for _, _, c in stats}):
+        rows = [(key, v) for key, v in stats.items() if key[2] == cls]
+        rows.sort(key=lambda kv: (-kv[1][0], -kv[1][3] / kv[1][0], kv[0]))
+        for (key_id, query_id, _), (count, k_rel, q_rel, score) in rows[:n_patterns]:
+            c = int(count)
+            patterns.append(TriggerPattern(
+                key_id=key_id, query_id=query_id, key_token=tokenizer.convert_ids_to_tokens(key_id),
+                query_token=tokenizer.convert_ids_to_tokens(query_id), source_class=cls, count=c,
+                key_rel=k_rel / c, query_rel=q_rel / c, score=score / c,
+            ))
+    return patterns
+
+
+# ------------------------------------------------------------------------------------------------------- attack
+def _pad(seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    width = max(len(s) for s in seqs)
+    tokens = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        tokens[r, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[r, : len(s)] = 1
+    return tokens, mask
+
+
+@torch.no_grad()
+def _predict(classifier: Any, seqs: list[list[int]], pad_id: int, batch_size: int) -> list[int]:
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out = [0] * len(seqs)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        tokens, mask = _pad([seqs[i] for i in chunk], pad_id)
+        p = classifier.forward(tokens, mask).argmax(dim=-1).cpu().tolist()
+        for i, y in zip(chunk, p, strict=True):
+            out[i] = int(y)
+    return out
+
+
+def attacked_sequences(
+    classifier: Any, texts: Sequence[str], pattern: TriggerPattern
+) -> tuple[list[list[int]], list[list[int]], list[tuple[int, int]]]:
+    """``(original, attacked, positions)``: each text's real token ids, the ids with ``pattern`` inserted, and
+    the (key, query) indices of the inserted tokens in the attacked ids (special tokens kept in place)."""
+    backend = classifier_backend(classifier)
+    special = _special_ids(backend.tokenizer)
+    tokens, mask = classifier.tokenize(list(texts))
+    originals, attacked, where = [], [], []
+    for row in range(tokens.shape[0]):
+        ids = tokens[row][mask[row].bool()].tolist()
+        first, end = content_span(ids, special)
+        new, (kq, qq) = insert_pattern(ids[first:end], pattern)
+        originals.append(ids)
+        attacked.append(ids[:first] + new + ids[end:])
+        where.append((first + kq, first + qq))
+    return originals, attacked, where
+
+
+def trigger_attack(
+    classifier: Any,
+    patterns: Sequence[TriggerPattern],
+    texts: Sequence[str],
+    labels: Sequence[int],
+    *,
+    examples: Examples = "all",
+    batch_size: int = 64,
+) -> pd.DataFrame:
+    """Accuracy on ``texts`` before and after inserting each pattern (one row per pattern).
+
+    Args:
+        examples: which evaluation examples each pattern is inserted into: ``"all"``, those of another class than
+            the pattern's source class (``"other"``) or of the same class (``"same"``).
+
+    Returns:
+        A DataFrame with columns ``pattern``, ``key_token``, ``query_token``, ``source_class``, ``mined_count``,
+        ``n_examples``, ``accuracy_before``, ``accuracy_after``, ``drop`` (before − after) and ``flipped`` (fraction
+        of examples whose prediction changed). Examples that would exceed the context window are left out.
+    """
+    import pandas as pd
+
+    texts, gold = _check_texts_labels(texts, labels, need_labels=True)
+    assert gold is not None
+    examples = _check_examples(examples)
+    batch_size = _check_batch_size(batch_size)
+    if isinstance(patterns, TriggerPattern) or not isinstance(patterns, Sequence) or not patterns:
+        raise InputError("patterns: expected a non-empty list of TriggerPattern (from mine_trigger_patterns)")
+    if not all(isinstance(p, TriggerPattern) for p in patterns):
+        raise InputError("patterns: every item must be a TriggerPattern")
+    backend = classifier_backend(classifier)
+    pad_id = getattr(backend.tokenizer, "pad_token_id", None)
+    pad_id = 0 if pad_id is None else int(pad_id)
+    rows = []
+    for pattern in patterns:
+        chosen = [i for i, y in enumerate(gold) if examples == "all"
+                  or (examples == "other" and y != pattern.source_class)
+                  or (examples == "same" and y == pattern.source_class)]
+        if not chosen:
+            rows.append({"pattern": pattern.name, "key_token": pattern.key_token, "query_token": pattern.query_token,
+                         "source_class": pattern.source_class, "mined_count": pattern.count, "n_examples": 0,
+                         "accuracy_before": float("nan"), "accuracy_after": float("nan"), "drop": float("nan"),
+                         "flipped": float("nan")})
+            continue
+        original, attacked, _ = attacked_sequences(classifier, [texts[i] for i in chosen], pattern)
+        keep = [r for r, seq in enumerate(attacked) if len(seq) <= backend.n_ctx]
+        y = [gold[chosen[r]] for r in keep]
+        before = _predict(classifier, [original[r] for r in keep], pad_id, batch_size) if keep else []
+        after = _predict(classifier, [attacked[r] for r in keep], pad_id, batch_size) if keep else []
+        n = len(keep)
+        acc_b = sum(int(p == t) for p, t in zip(before, y, strict=True)) / n if n else float("nan")
+        acc_a = sum(int(p == t) for p, t in zip(after, y, strict=True)) / n if n else float("nan")
+        flipped = sum(int(a != b) for a, b in zip(after, before, strict=True)) / n if n else float("nan")
+        rows.append({"pattern": pattern.name, "key_token": pattern.key_token, "query_token": pattern.query_token,
+                     "source_class": pattern.source_class, "mined_count": pattern.count, "n_examples": n,
+                     "accuracy_before": acc_b, "accuracy_after": acc_a, "drop": acc_b - acc_a, "flipped": flipped})
+    return pd.DataFrame(rows, columns=["pattern", "key_token", "query_token", "source_class", "mined_count",
+                                       "n_examples", "accuracy_before", "accuracy_after", "drop", "flipped"])
+
+
+__all__ = [
+    "TriggerPattern",
+    "attacked_sequences",
+    "content_span",
+    "insert_pattern",
+    "mine_trigger_patterns",
+    "relative_position",
+    "trigger_attack",
+]

@@ -1,0 +1,161 @@
+"""Adversarial triggers mined from AttAttr: insertion logic, mining and the attack on a tiny BERT and MiniLM-SST2."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from at2_lens.attattr.triggers import (
+    TriggerPattern,
+    attacked_sequences,
+    content_span,
+    insert_pattern,
+    mine_trigger_patterns,
+    trigger_attack,
+)
+from at2_lens.errors import InputError
+from tests.conftest import BACKENDS, SHARED_DATA, shared_data
+from tests.test_heads import LABELS, TEXTS, TinyClassifier
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _pattern(key_rel: float, query_rel: float, key_id: int = 901, query_id: int = 902) -> TriggerPattern:
+    return TriggerPattern(key_id=key_id, query_id=query_id, key_token="k", query_token="q", source_class=1,
+                          count=3, key_rel=key_rel, query_rel=query_rel)
+
+
+# ---------------------------------------------------------------------------------------------------- insertion
+def test_insert_pattern_keeps_relative_positions() -> None:
+    content = [10, 11, 12, 13, 14]
+    new, (k, q) = insert_pattern(content, _pattern(0.0, 1.0))
+    assert new == [901, 10, 11, 12, 13, 14, 902] and (k, q) == (0, 6)
+    new, (k, q) = insert_pattern(content, _pattern(1.0, 0.5))
+    assert new == [10, 11, 902, 12, 13, 14, 901] and (k, q) == (6, 2)
+    new, (k, q) = insert_pattern(content, _pattern(0.5, 0.5))  # same gap: mined order kept (key first on a tie)
+    assert new[k] == 901 and new[q] == 902 and q == k + 1
+    # For any length, each inserted token sits within one position of its relative place; originals keep order.
+    for n in range(1, 30):
+        orig = list(range(100, 100 + n))
+        for kr, qr in ((0.2, 0.7), (0.9, 0.1), (0.33, 0.33)):
+            new, (k, q) = insert_pattern(orig, _pattern(kr, qr))
+            assert len(new) == n + 2 and new[k] == 901 and new[q] == 902
+            assert [t for t in new if t not in (901, 902)] == orig
+            assert abs(k - kr * n) <= 1.5 and abs(q - qr * n) <= 1.5
+
+
+def test_content_span_skips_special_tokens_at_both_ends() -> None:
+    assert content_span([101, 5, 6, 102], {101, 102}) == (1, 3)
+    assert content_span([5, 6], {101, 102}) == (0, 2)
+    assert content_span([101, 102], {101, 102}) == (2, 2)
+
+
+# ------------------------------------------------------------------------------------------------ tiny model
+@pytest.fixture(scope="module")
+def tiny_clf(tiny_bert_models: dict[str, object]) -> TinyClassifier:
+    return TinyClassifier(tiny_bert_models[BACKENDS[0]])
+
+
+def test_mining_on_the_tiny_bert(tiny_clf: TinyClassifier) -> None:
+    patterns = mine_trigger_patterns(tiny_clf, TEXTS, LABELS, top_k=2, n_patterns=2, n_steps=4, batch_size=2)
+    assert patterns and all(isinstance(p, TriggerPattern) for p in patterns)
+    per_class: dict[int, list[TriggerPattern]] = {}
+    for p in patterns:
+        per_class.setdefault(p.source_class, []).append(p)
+        assert 0.0 <= p.key_rel <= 1.0 and 0.0 <= p.query_rel <= 1.0 and p.score > 0
+        assert tiny_clf.backend.tokenizer.convert_ids_to_tokens(p.key_id) == p.key_token
+    assert set(per_class) <= set(LABELS)
+    for cls, ps in per_class.items():
+        assert len(ps) <= 2
+        assert [p.count for p in ps] == sorted((p.count for p in ps), reverse=True)
+        assert sum(p.count for p in ps) <= 2 * LABELS.count(cls)
+    # The mined tokens occur in the class's own texts.
+    for p in patterns:
+        texts = [t for t, y in zip(TEXTS, LABELS, strict=True) if y == p.source_class]
+        ids = set(tiny_clf.tokenize(texts)[0].reshape(-1).tolist())
+        assert p.key_id in ids and p.query_id in ids
+    # One layer only works too and is deterministic.
+    a = mine_trigger_patterns(tiny_clf, TEXTS, LABELS, layers=1, n_steps=4)
+    assert a == mine_trigger_patterns(tiny_clf, TEXTS, LABELS, layers=[1], n_steps=4)
+
+
+def test_attack_recomputes_accuracy_on_the_inserted_tokens(tiny_clf: TinyClassifier) -> None:
+    pats = [_pattern(0.0, 1.0, key_id=40, query_id=70), _pattern(0.5, 0.2, key_id=12, query_id=99)]
+    df = trigger_attack(tiny_clf, pats, TEXTS, LABELS, batch_size=2)
+    assert list(df.columns) == ["pattern", "key_token", "query_token", "source_class", "mined_count", "n_examples",
+                                "accuracy_before", "accuracy_after", "drop", "flipped"]
+    assert df["n_examples"].tolist() == [len(TEXTS)] * 2
+    tokens, mask = tiny_clf.tokenize(TEXTS)
+    with torch.no_grad():
+        own = (tiny_clf.forward(tokens, mask).argmax(-1) == torch.tensor(LABELS)).float().mean().item()
+    assert df["accuracy_before"].tolist() == pytest.approx([own, own])
+    for r, p in enumerate(pats):
+        original, attacked, where = attacked_sequences(tiny_clf, TEXTS, p)
+        correct = 0
+        for seq, orig, (k, q), y in zip(attacked, original, where, LABELS, strict=True):
+            assert len(seq) == len(orig) + 2 and seq[k] == p.key_id and seq[q] == p.query_id
+            with torch.no_grad():
+                pred = int(tiny_clf.forward(torch.tensor([seq]), torch.ones(1, len(seq), dtype=torch.long)).argmax())
+            correct += int(pred == y)
+        assert df["accuracy_after"].iloc[r] == pytest.approx(correct / len(TEXTS))
+        assert df["drop"].iloc[r] == pytest.approx(own - correct / len(TEXTS))
+    other = trigger_attack(tiny_clf, pats[:1], TEXTS, LABELS, examples="other")
+    same = trigger_attack(tiny_clf, pats[:1], TEXTS, LABELS, examples="same")
+    assert other["n_examples"].iloc[0] == LABELS.count(0) and same["n_examples"].iloc[0] == LABELS.count(1)
+
+
+def test_bad_arguments_fail_clearly(tiny_clf: TinyClassifier) -> None:
+    with pytest.raises(InputError, match="patterns"):
+        trigger_attack(tiny_clf, [], TEXTS, LABELS)
+    with pytest.raises(InputError, match="examples"):
+        trigger_attack(tiny_clf, [_pattern(0, 1)], TEXTS, LABELS, examples="mine")  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="labels"):
+        mine_trigger_patterns(tiny_clf, TEXTS, LABELS[:2])
+    with pytest.raises(InputError, match="top_k"):
+        mine_trigger_patterns(tiny_clf, TEXTS, LABELS, top_k=0)
+    with pytest.raises(InputError, match="layers"):
+        mine_trigger_patterns(tiny_clf, TEXTS, LABELS, layers=[9])
+
+
+# ------------------------------------------------------------------------------------------------ real model
+@pytest.mark.real
+@pytest.mark.slow
+def test_minilm_sst2_triggers(minilm: object) -> None:
+    from at2_lens.models.classifier import load_minilm_sst2, load_sst2
+
+    shared_data("sst2", "train.tsv")
+    clf = load_minilm_sst2(model=minilm)
+    train_texts, train_labels = load_sst2("train", limit=400, data_dir=SHARED_DATA)
+    # A dozen full-length phrases (the file starts with fragments), both classes.
+    pick = [i for i, t in enumerate(train_texts) if len(t.split()) >= 6][:12]
+    patterns = mine_trigger_patterns(clf, [train_texts[i] for i in pick], [train_labels[i] for i in pick],
+                                     layers=[4, 5], n_patterns=2, n_steps=4, batch_size=6)
+    assert patterns and {p.source_class for p in patterns} <= {0, 1}
+    special = set(clf.tokenizer.all_special_ids)
+    assert all(p.key_id not in special and p.query_id not in special for p in patterns)
+    eval_texts, eval_labels = load_sst2("validation", limit=24, data_dir=SHARED_DATA)
+    df = trigger_attack(clf, patterns, eval_texts, eval_labels)
+    print(df.to_string())
+    assert (df["accuracy_before"] == clf.accuracy(eval_texts, eval_labels)).all()
+    assert df["n_examples"].eq(24).all()
+    # The attack really inserts the tokens between [CLS] and [SEP], at the mined relative positions.
+    p = patterns[0]
+    original, attacked, where = attacked_sequences(clf, eval_texts, p)
+    for orig, seq, (k, q) in zip(original, attacked, where, strict=True):
+        assert seq[0] == clf.tokenizer.cls_token_id and seq[-1] == clf.tokenizer.sep_token_id
+        assert seq[k] == p.key_id and seq[q] == p.query_id and len(seq) == len(orig) + 2
+        n = len(orig) - 2
+        assert abs((k - 1) - p.key_rel * n) <= 1.5 and abs((q - 1) - p.query_rel * n) <= 1.5
+    tokens = torch.nn.utils.rnn.pad_sequence([torch.tensor(s) for s in attacked], batch_first=True)
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(s), dtype=torch.long) for s in attacked], batch_first=True)
+    with torch.no_grad():
+        acc = (clf.forward(tokens, mask).argmax(-1) == torch.tensor(eval_labels)).float().mean().item()
+    assert df["accuracy_after"].iloc[0] == pytest.approx(acc)
