@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 from at2_lens.tasks import ContextTask
 from at2_lens.tasks.loaders import squad_records
@@ -23,17 +24,29 @@ def is_held_out(question_id: str, modulus: int = HELD_OUT_MODULUS) -> bool:
     return int(hashlib.sha256(question_id.encode("utf-8")).hexdigest(), 16) % modulus == 0
 
 
-def squad_split(
-    path: str | Path, *, sources: str = "sentence", modulus: int = HELD_OUT_MODULUS
-) -> tuple[list[ContextTask], list[ContextTask]]:
-    """``(train, held_out)`` tasks from a SQuAD-format file, one per paragraph (see the module docstring)."""
+def squad_split_records(
+    path: str | Path, *, modulus: int = HELD_OUT_MODULUS
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(train, held_out)`` SQuAD records (``id, title, context, question, answers``), one per paragraph: its first
+    answerable question. The records behind ``squad_split``'s tasks, with the gold answers."""
     seen: set[str] = set()
-    train: list[ContextTask] = []
-    held: list[ContextTask] = []
+    train: list[dict[str, Any]] = []
+    held: list[dict[str, Any]] = []
     for r in squad_records(path):
         if r["context"] in seen:
             continue
         seen.add(r["context"])
-        task = ContextTask(context=r["context"], query=r["question"], sources=sources)
-        (held if is_held_out(r["id"], modulus) else train).append(task)
+        (held if is_held_out(r["id"], modulus) else train).append(r)
     return train, held
+
+
+def squad_split(
+    path: str | Path, *, sources: str = "sentence", modulus: int = HELD_OUT_MODULUS
+) -> tuple[list[ContextTask], list[ContextTask]]:
+    """``(train, held_out)`` tasks from a SQuAD-format file, one per paragraph (see the module docstring)."""
+    train, held = squad_split_records(path, modulus=modulus)
+
+    def task(r: dict[str, Any]) -> ContextTask:
+        return ContextTask(context=r["context"], query=r["question"], sources=sources)
+
+    return [task(r) for r in train], [task(r) for r in held]

@@ -1,0 +1,67 @@
+"""Context pruning: keep-masks from scores, the pruned text, and re-asking over it (tiny and real models)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from at2_lens.at2.ablation import removal_builder
+from at2_lens.at2.attribution import AT2Attribution, prepare_task
+from at2_lens.at2.pretrained import load_estimator
+from at2_lens.backends import get_backend
+from at2_lens.errors import InputError
+from at2_lens.pruning import prune_context, pruned_context, top_k_mask
+from at2_lens.tasks import ContextTask
+from at2_lens.tasks.loaders import demo_task
+
+CONTEXT = "Paris is in France. Berlin is in Germany. Rome is in Italy. Madrid is in Spain."
+
+
+def test_top_k_mask_keeps_the_highest_scores_and_breaks_ties_by_order() -> None:
+    scores = torch.tensor([0.1, 0.9, 0.5, 0.9])
+    assert top_k_mask(scores, 1).tolist() == [False, True, False, False]
+    assert top_k_mask(scores, 2).tolist() == [False, True, False, True]
+    assert top_k_mask(scores, 3).tolist() == [False, True, True, True]
+    for bad, k in ((scores, 0), (scores, 5), (torch.tensor([0.1, float("nan")]), 1), (torch.zeros(0), 1)):
+        with pytest.raises(InputError, match=r"^(k|scores):"):
+            top_k_mask(bad, k)
+
+
+def test_pruned_text_is_what_remove_mode_ablation_feeds_the_model(tiny_llama: Any) -> None:
+    backend = get_backend(tiny_llama)
+    task = ContextTask(context=CONTEXT, query="Where is Rome?", response="Italy.", sources="sentence")
+    tok = prepare_task(backend, task)
+    keep = torch.tensor([False, False, True, True])
+    text = pruned_context(tok, keep)
+    assert text == "  Rome is in Italy. Madrid is in Spain."  # the spaces between sentences belong to no source
+    # Re-tokenising a task over the pruned text gives the ids that remove-mode ablation builds.
+    ids, _ = removal_builder(backend.tokenizer, tok)(keep)
+    pruned_tok = prepare_task(backend, ContextTask(context=text, query="Where is Rome?", response="Italy."))
+    assert torch.equal(ids, pruned_tok.input_ids)
+    with pytest.raises(InputError, match="keep"):
+        pruned_context(tok, torch.ones(3, dtype=torch.bool))
+
+
+def test_prune_context_returns_a_task_without_response(tiny_llama: Any) -> None:
+    task = ContextTask(context=CONTEXT, query="Where is Rome?", response="Italy.", sources="sentence")
+    result = AT2Attribution(tiny_llama).attribute(task)
+    pruned = prune_context(task, result, 2)
+    kept = [result.extra["task"].source_texts[i] for i in top_k_mask(result.scores, 2).nonzero().flatten().tolist()]
+    assert pruned.response is None and pruned.query == task.query
+    assert all(s in pruned.context for s in kept) and len(pruned.context) < len(CONTEXT)
+    assert prepare_task(get_backend(tiny_llama), pruned.with_response("Italy.")).n_sources == 2
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_pruning_the_demo_context_to_the_top_sentence_keeps_the_answer(smollm2: Any) -> None:
+    """On the demo question the shipped estimator ranks the height sentence first; pruned to it, SmolLM2 still
+    answers with the height."""
+    task = demo_task()
+    result = AT2Attribution(smollm2, estimator=load_estimator()).attribute(task, max_new_tokens=16)
+    pruned = prune_context(task, result, 1)
+    assert "8,849" in pruned.context and "Eiffel" not in pruned.context
+    answer = prepare_task(get_backend(smollm2), pruned, 16).response
+    assert answer is not None and "8,849" in answer.replace(" ", "")
