@@ -1,4 +1,4 @@
-"""The ``at2-lens`` command line: demo, attribute, collect, train, evaluate.
+"""The ``at2-lens`` command line: demo, attribute, collect, train, evaluate, heads, tree.
 
 Every option is explained by ``at2-lens <command> --help``. Heavy imports happen inside the commands, so
 ``--help`` is instant.
@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     from at2_lens.evaluation.cli import add_evaluate_parser
 
     add_evaluate_parser(sub)
+
+    from at2_lens.attattr.cli import add_attattr_parsers
+
+    add_attattr_parsers(sub)
     return parser
 
 
@@ -249,12 +253,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_heads(args: argparse.Namespace) -> int:
+    from at2_lens.attattr.cli import cmd_heads as run
+
+    return run(args)
+
+
+def cmd_tree(args: argparse.Namespace) -> int:
+    from at2_lens.attattr.cli import cmd_tree as run
+
+    return run(args)
+
+
 COMMANDS = {
     "demo": cmd_demo,
     "attribute": cmd_attribute,
     "collect": cmd_collect,
     "train": cmd_train,
     "evaluate": cmd_evaluate,
+    "heads": cmd_heads,
+    "tree": cmd_tree,
 }
 
 
