@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     col.add_argument("--shard-count", type=int, default=1, help="number of shards splitting the tasks (default: 1)")
     col.add_argument("--batch-size", type=int, default=8, help="ablations per forward pass in mask mode (default 8)")
     col.add_argument("--max-new-tokens", type=int, default=48, help="generation budget per task (default: 48)")
+    col.add_argument("--device", default="auto",
+                     help="'auto' (cuda:LOCAL_RANK when CUDA is available, else cpu), 'cpu', 'cuda' or 'cuda:N'. "
+                          "Under torchrun / accelerate launch each process collects its own shard of the tasks "
+                          "(shard i %% WORLD_SIZE) into the shared store (default: auto)")
 
     tr = sub.add_parser("train", help="train an AT2 estimator on a collected store",
                         description="Fit per-head weights so that predicted ablation effects correlate "
@@ -211,15 +215,23 @@ def _load_tasks(spec: str, sources: str, limit: int | None, seed: int) -> list[A
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
+    """Collect AT2 training data; under torchrun each process takes its shard and rank 0 reports when all are done."""
     from at2_lens import load_model
     from at2_lens.at2.collect import collect
+    from at2_lens.distributed import DataParallel
 
-    tasks = _load_tasks(args.tasks, args.sources, args.limit, args.seed)
-    model = load_model(args.model, backend=args.backend)
-    store = collect(model, tasks, args.store, mode=args.mode, output=args.output, n_masks=args.n_masks,
-                    keep_prob=args.keep_prob, seed=args.seed, shard_index=args.shard_index,
-                    shard_count=args.shard_count, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
-    print(f"{len(store)} examples in {store.root} ({len(tasks)} tasks)")
+    with DataParallel() as dp:
+        shard_index, shard_count = dp.compose(args.shard_index, args.shard_count)
+        device = dp.device(args.device)
+        tasks = _load_tasks(args.tasks, args.sources, args.limit, args.seed)
+        model = load_model(args.model, backend=args.backend, device=device)
+        store = collect(model, tasks, args.store, mode=args.mode, output=args.output, n_masks=args.n_masks,
+                        keep_prob=args.keep_prob, seed=args.seed, shard_index=shard_index,
+                        shard_count=shard_count, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+        dp.barrier()  # every process's shard is written before rank 0 reports
+        if dp.is_main:
+            workers = f" by {dp.world_size} processes" if dp.is_distributed else ""
+            print(f"{len(store)} examples in {store.root} ({len(tasks)} tasks){workers}")
     return 0
 
 

@@ -1,13 +1,15 @@
 """Collect AT2 training data: features, random ablation masks and the target's output under each.
 
 One example per task, written atomically to an ``AblationStore``; finished examples are skipped, so a killed run
-resumes where it stopped, and ``(shard_index, shard_count)`` splits the tasks between processes or machines that
-write to the same store. Cost per example: one greedy generation (if the task has no response), one feature pass
-and ``n_masks`` ablated passes (batched in ``mask`` mode).
+resumes where it stopped (example files that are not valid, e.g. truncated or garbage, are recomputed), and
+``(shard_index, shard_count)`` splits the tasks between processes or machines that write to the same store. Cost
+per example: one greedy generation (if the task has no response), one feature pass and ``n_masks`` ablated passes
+(batched in ``mask`` mode).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -75,7 +77,12 @@ def collect(
         extra=extra_settings or {},
     )
     store = AblationStore(store_dir, settings)
-    todo = store.missing(shard_indices(len(tasks), shard_index, shard_count))
+    mine = shard_indices(len(tasks), shard_index, shard_count)
+    corrupt = store.invalid(mine)
+    if corrupt:
+        shown = "; ".join(f"{i}: {why}" for i, why in list(corrupt.items())[:3])
+        warnings.warn(f"{len(corrupt)} invalid example files in {store.root} are recomputed ({shown})", stacklevel=2)
+    todo = sorted(set(store.missing(mine)) | set(corrupt))
     for index in tqdm(todo, desc=f"collect shard {shard_index}/{shard_count}", disable=not progress):
         store.write(collect_example(backend, tasks[index], index, settings, batch_size, max_new_tokens))
     return store

@@ -15,7 +15,11 @@ metadata key keeps the bytes reproducible (safetensors writes several keys in a 
 example twice gives byte-identical files. Nothing is pickled.
 
 Writes are atomic (temp file in the same directory, fsync, ``os.replace``); readers never see a partial file, and
-temp files left by killed writers are removed by :meth:`AblationStore.cleanup_temp_files`. Example ``i`` belongs to
+temp files left by killed writers are removed by :meth:`AblationStore.cleanup_temp_files`. A file under an example's
+name that is not a complete, valid example (truncated, padded, garbage, another example's or another store's data,
+e.g. after a disk fault or a bad copy) is never read as valid: :meth:`AblationStore.read` raises StoreError naming the
+file and the problem, :meth:`AblationStore.invalid` lists such files, and ``collect`` recomputes them (with a
+warning) when it resumes. Example ``i`` belongs to
 shard ``i % shard_count`` (:func:`shard_indices`); several processes may write to one store concurrently. The manifest
 is created race-free (hard-link into place); a process that finds a manifest with different settings gets a
 StoreError naming the differing keys.
@@ -458,6 +462,23 @@ class AblationStore:
         """The given indices that are not in the store yet, in the given order (what a resumed run must do)."""
         done = set(self.indices())
         return [i for i in indices if _check_int("index", i, minimum=0) not in done]
+
+    def invalid(self, indices: Iterable[int] | None = None) -> dict[int, str]:
+        """Examples whose file exists but is not a complete, valid example of this store: ``{index: reason}``.
+
+        Every file is parsed and checked in full (header, data length, dtypes, shapes, its index, the store's
+        L, H, M), so a truncated, padded, garbage or foreign file is reported rather than read as valid.
+        ``indices``: the indices to check (default every file in the store); absent ones are skipped.
+        """
+        done = set(self.indices())
+        wanted = sorted(done) if indices is None else [i for i in indices if _check_int("index", i, minimum=0) in done]
+        bad: dict[int, str] = {}
+        for i in wanted:
+            try:
+                self.read(i)
+            except StoreError as exc:
+                bad[i] = str(exc)
+        return bad
 
     def cleanup_temp_files(self) -> list[Path]:
         """Remove temp files left by killed writers (live writers' temp files are kept); returns those removed."""

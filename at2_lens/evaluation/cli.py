@@ -77,6 +77,10 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="ablations per forward call in mask mode (default: 8)")
     p.add_argument("--max-new-tokens", type=int, default=32,
                    help="generation budget for each task's response (default: 32)")
+    p.add_argument("--device", default="auto",
+                   help="'auto' (cuda:LOCAL_RANK when CUDA is available, else cpu), 'cpu', 'cuda' or 'cuda:N'. "
+                        "Under torchrun / accelerate launch each process evaluates tasks i %% WORLD_SIZE == RANK "
+                        "and rank 0 gathers the rows, prints and writes the results (default: auto)")
     p.add_argument("--out", default=None, help="write the tidy per-task results to this CSV file")
     p.add_argument("--summary", default=None, help="also write the markdown summary table to this file")
     p.add_argument("--quiet", action="store_true", help="no per-task progress on stderr")
@@ -109,28 +113,73 @@ def load_eval_tasks(spec: str, split: str, sources: str, limit: int | None) -> l
     return tasks[:limit] if limit is not None else tasks
 
 
+def _rows(df: Any) -> list[dict[str, Any]]:
+    """A result frame as JSON-able row dicts (missing ``k`` as None); floats keep every bit through JSON."""
+    import pandas as pd
+
+    rows = []
+    for rec in df.to_dict(orient="records"):
+        rows.append({key: (None if value is pd.NA or (key == "k" and pd.isna(value)) else
+                           value.item() if hasattr(value, "item") else value) for key, value in rec.items()})
+    return rows
+
+
+def _frame(rows: list[dict[str, Any]], attrs: dict[str, Any]) -> Any:
+    """Rebuild the result frame of ``evaluate`` from gathered rows (same columns and dtypes)."""
+    import pandas as pd
+
+    from at2_lens.evaluation.evaluate import COLUMNS
+
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    df["k"] = df["k"].astype("Int64")
+    df.attrs.update(attrs)
+    return df
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Run ``evaluate`` as configured by the parsed arguments; prints the summary table."""
+    """Run ``evaluate`` as configured by the parsed arguments; prints the summary table.
+
+    Under ``torchrun`` each process evaluates the tasks ``i % WORLD_SIZE == RANK`` with their global task ids (the
+    seeds of their held-out masks), and rank 0 merges the rows in task order: the same table as one process.
+    """
     from at2_lens import load_model
     from at2_lens._io import atomic_write_text
+    from at2_lens.distributed import DataParallel
     from at2_lens.evaluation.evaluate import evaluate, markdown_table, resolve_metrics, summarize
     from at2_lens.evaluation.methods import build_methods
 
     metrics = resolve_metrics([m.strip() for m in args.metrics.split(",") if m.strip()])
     ks = _ints(args.ks, "--ks")
     adv_layers = _ints(args.adversarial_layers, "--adversarial-layers") if args.adversarial_layers else None
-    tasks = load_eval_tasks(args.tasks, args.split, args.sources, args.limit)
-    model = load_model(args.model, backend=args.backend)
-    methods = build_methods(model, [m for m in args.methods.split(",") if m.strip()], estimator=args.estimator,
-                            mode=args.mode, batch_size=args.batch_size, seed=args.seed)
-    df = evaluate(methods, tasks, metrics, model=model, n_eval_masks=args.n_eval_masks, ks=ks,
-                  kendall_k=args.kendall_k, mode=args.mode, output=args.output, seed=args.seed,
-                  batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                  n_permutations=args.n_permutations,
-                  adversarial={"steps": args.adversarial_steps, "layers": adv_layers, "tolerance": args.tolerance},
-                  progress=not args.quiet)
+    with DataParallel() as dp:
+        device = dp.device(args.device)
+        tasks = load_eval_tasks(args.tasks, args.split, args.sources, args.limit)
+        mine = dp.shard(len(tasks))
+        model = load_model(args.model, backend=args.backend, device=device)
+        methods = build_methods(model, [m for m in args.methods.split(",") if m.strip()], estimator=args.estimator,
+                                mode=args.mode, batch_size=args.batch_size, seed=args.seed)
+        rows: list[dict[str, Any]] = []
+        attrs: dict[str, Any] = {"ground_truth_forward_passes": 0}
+        if mine:  # a rank can be idle when there are fewer tasks than processes
+            part = evaluate(methods, [tasks[i] for i in mine], metrics, model=model, n_eval_masks=args.n_eval_masks,
+                            ks=ks, kendall_k=args.kendall_k, mode=args.mode, output=args.output, seed=args.seed,
+                            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                            n_permutations=args.n_permutations,
+                            adversarial={"steps": args.adversarial_steps, "layers": adv_layers,
+                                         "tolerance": args.tolerance},
+                            task_ids=mine, progress=not args.quiet)
+            rows, attrs = _rows(part), dict(part.attrs)
+        gathered = dp.gather_json({"rows": rows, "attrs": attrs})
+        if not dp.is_main:
+            return 0
+    merged_attrs = next(g["attrs"] for g in gathered if g["rows"])
+    merged_attrs.update(n_tasks=len(tasks),
+                        ground_truth_forward_passes=sum(g["attrs"]["ground_truth_forward_passes"] for g in gathered))
+    # Rows of one task stay in their order; tasks come in the order of the task list, as in a single process.
+    df = _frame(sorted((r for g in gathered for r in g["rows"]), key=lambda r: r["task"]), merged_attrs)
     table = markdown_table(summarize(df))
-    print(f"{len(tasks)} tasks; ground truth: {df.attrs['ground_truth_forward_passes']} forward passes "
+    workers = f", {dp.world_size} processes" if dp.is_distributed else ""
+    print(f"{len(tasks)} tasks{workers}; ground truth: {df.attrs['ground_truth_forward_passes']} forward passes "
           f"({args.n_eval_masks} held-out {args.mode} ablations + 1 per task)\n")
     print(table)
     if args.out:
