@@ -31,5 +31,10 @@ class StoreError(At2LensError, RuntimeError):
     """The on-disk ablation store is inconsistent or was written with different settings."""
 
 
+class NumericalError(At2LensError, FloatingPointError):
+    """NaN or inf appeared in attention, features, outputs or scores (e.g. every key of an attention row masked);
+    at2_lens raises this instead of returning non-finite scores."""
+
+
 class DatasetNotFoundError(At2LensError, FileNotFoundError):
     """A local data file (e.g. ../shared/data/sst2) is missing; the message says where it was looked for."""

@@ -39,7 +39,8 @@ def mask_keys(keep: Bool[Tensor, "batch key"] | Float[Tensor, "batch key"]) -> P
             )
         kept = pattern * k[:, None, None, :]
         total = kept.sum(dim=-1, keepdim=True)
-        return torch.where(total > 0, kept / total.clamp_min(torch.finfo(kept.dtype).tiny), torch.zeros_like(kept))
+        # total == 0 only where every key was dropped; a NaN row (a broken pattern) stays NaN, so it is not hidden
+        return torch.where(total == 0, torch.zeros_like(kept), kept / total.clamp_min(torch.finfo(kept.dtype).tiny))
 
     return transform
 

@@ -15,7 +15,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from at2_lens.errors import InputError
+from at2_lens.errors import InputError, NumericalError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -56,7 +56,7 @@ class SourceAttribution:
         if self.scores.shape != (n,) or len(self.source_spans) != n:
             raise InputError(f"scores: expected shape ({n},) matching the sources, got {tuple(self.scores.shape)}")
         if not torch.isfinite(self.scores).all():
-            raise FloatingPointError(f"{self.method} produced non-finite scores; refusing to return them")
+            raise NumericalError(f"scores: {self.method} produced NaN or inf scores; refusing to return them")
 
     @property
     def n_sources(self) -> int:

@@ -20,7 +20,7 @@ from captum.attr import Attribution
 from at2_lens.at2.estimator import LinearEstimator, load_estimator_file, model_fingerprint
 from at2_lens.at2.features import FeaturePass, extract_features
 from at2_lens.backends import Backend, get_backend
-from at2_lens.errors import InputError
+from at2_lens.errors import InputError, NumericalError
 from at2_lens.results import SourceAttribution
 from at2_lens.tasks import ContextTask, TargetSpan, TokenizedTask
 
@@ -36,15 +36,58 @@ def prepare_task(
     """Tokenize a task for ``backend``'s model, generating the response greedily when the task has none.
 
     ``target`` (a ``TargetSpan``, or a ``(start, end)`` character range of the response) overrides the task's own.
+    Everything that can be checked without the model (the target's form, the generation budget, the prompt's
+    length and token ids) is checked before any generation or forward pass.
     """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
+    span = _target_span(target)
+    if span is not None and span.unit == "token" and _needs_generation(task) and span.end > max_new_tokens:
+        raise InputError(
+            f"target: token span ({span.start}, {span.end}) cannot lie inside a response of at most "
+            f"max_new_tokens={max_new_tokens} tokens"
+        )
     tokenized = _tokenized(backend, task, max_new_tokens)
-    if target is None:
+    if span is None:
         return tokenized
-    if isinstance(target, TargetSpan):
-        if target.unit == "char":
-            return tokenized.with_target(char_range=(target.start, target.end))
-        return tokenized.with_target(token_range=(target.start, target.end))
-    return tokenized.with_target(char_range=tuple(target))
+    if span.unit == "char":
+        return tokenized.with_target(char_range=(span.start, span.end))
+    return tokenized.with_target(token_range=(span.start, span.end))
+
+
+def _target_span(target: TargetSpan | Sequence[int] | None) -> TargetSpan | None:
+    """Validate a target override (a TargetSpan or a ``(start, end)`` character range) without the response."""
+    if target is None or isinstance(target, TargetSpan):
+        return target
+    if isinstance(target, str | bytes) or not isinstance(target, Sequence) or len(target) != 2:
+        raise InputError(f"target: expected None, a TargetSpan or a (start, end) character range, got {target!r}")
+    return TargetSpan(target[0], target[1], "char")  # type: ignore[arg-type]
+
+
+def _needs_generation(task: object) -> bool:
+    return isinstance(task, ContextTask) and task.response is None
+
+
+def check_tasks(backend: Backend, tasks: Sequence[object], name: str = "tasks") -> None:
+    """Validate every task against ``backend``'s model before any model work: each is a ``ContextTask`` whose
+    prompt (and response, when given) tokenizes within the context window, or a ``TokenizedTask`` with a response
+    and valid token ids. Tokenizing costs far less than one forward pass; errors name the task's index."""
+    if isinstance(tasks, str | bytes | ContextTask | TokenizedTask) or not isinstance(tasks, Sequence):
+        raise InputError(f"{name}: expected a sequence of ContextTask or TokenizedTask, got {type(tasks).__name__}")
+    if not tasks:
+        raise InputError(f"{name}: expected at least one task")
+    for i, task in enumerate(tasks):
+        try:
+            if isinstance(task, TokenizedTask):
+                if task.response is None:
+                    raise InputError("the TokenizedTask has no response; attach one with with_response()")
+                backend.check_tokens(task.input_ids, name="input_ids")
+            elif isinstance(task, ContextTask):
+                task.tokenize(backend.tokenizer, max_length=backend.n_ctx)
+            else:
+                raise InputError(f"expected a ContextTask or TokenizedTask, got {type(task).__name__}")
+        except InputError as exc:
+            raise InputError(f"{name}[{i}]: {exc}") from None
 
 
 def _tokenized(backend: Backend, task: ContextTask | TokenizedTask, max_new_tokens: int) -> TokenizedTask:
@@ -84,8 +127,7 @@ class AT2Attribution(Attribution):
         backend = get_backend(forward_func)
         super().__init__(forward_func)
         self.backend = backend
-        if not backend.is_causal:
-            raise InputError("forward_func: AT2 attributes generated responses and needs a causal (decoder) model")
+        # The estimator is checked first: it needs no forward pass (the probe behind is_causal runs one).
         fingerprint = model_fingerprint(backend)
         if estimator is None:
             estimator = LinearEstimator.uniform(backend.n_layers, backend.n_heads, model_fingerprint=fingerprint)
@@ -95,6 +137,9 @@ class AT2Attribution(Attribution):
             estimator.check_fingerprint(fingerprint)
         else:
             raise InputError(f"estimator: expected a LinearEstimator, a path or None, got {type(estimator).__name__}")
+        if not backend.is_causal:
+            raise InputError("forward_func: AT2 attributes generated responses and needs a causal (decoder) model")
+        _ = backend.attention_access  # fails now, with the reason, if attention cannot be read or intervened on
         self.estimator: LinearEstimator = estimator
         self._passes: OrderedDict[str, FeaturePass] = OrderedDict()
         self.forward_passes = 0  # counts the passes actually run, so reuse is observable
@@ -126,6 +171,8 @@ class AT2Attribution(Attribution):
         assert t_range is not None and task.response is not None and task.target_text is not None
         feats = fpass.features(t_range)
         scores = self.estimator.score(feats)
+        if not torch.isfinite(scores).all():
+            raise NumericalError("scores: the estimator produced NaN or inf scores from finite features")
         token_scores = target_tokens = None
         if per_token:
             t0, t1 = t_range

@@ -23,7 +23,7 @@ from at2_lens.at2.ablation import (
     removal_builder,
     remove_mode_outputs,
 )
-from at2_lens.at2.attribution import prepare_task
+from at2_lens.at2.attribution import check_tasks, prepare_task
 from at2_lens.at2.estimator import model_fingerprint
 from at2_lens.at2.features import extract_features
 from at2_lens.at2.outputs import OutputType, check_output_type, output_from_logprob
@@ -64,6 +64,7 @@ def collect(
     if not backend.is_causal:
         raise InputError("model: AT2 collection needs a causal (decoder) model")
     _ = backend.attention_access
+    check_tasks(backend, tasks)  # every prompt tokenizes and fits the context window, before any model work
     settings = StoreSettings(
         model_fingerprint=model_fingerprint(backend),
         n_layers=backend.n_layers,

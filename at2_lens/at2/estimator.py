@@ -6,7 +6,11 @@ File format: a single safetensors file (suffix ``.safetensors`` recommended) hol
     {"format": "at2_lens.linear_estimator", "format_version": 1,
      "feature_layout": {"name": "per_head_mean_target_sum_source", "n_layers": L, "n_heads": H},
      "ablation_mode": "mask" | "remove", "output_type": "logit_prob" | "log_prob",
-     "granularity": "token" | ..., "model_fingerprint": {...}, "training": {...} | null}
+     "granularity": "token" | ..., "model_fingerprint": {...}, "training": {...} | null,
+     "weights_sha256": "<hex>"}
+
+``weights_sha256`` (the sha256 of the weights as little-endian float32 bytes) lets a flipped bit in the data section
+be detected; files written before it existed have no such entry and are read without that check.
 
 One file (no sidecar) so it is written with a single atomic ``os.replace``; one metadata key so the bytes are
 reproducible. :func:`load_estimator_file` validates everything (never unpickles; pickle and torch.save files are
@@ -45,6 +49,12 @@ def vocab_sha256(tokenizer: Any) -> str | None:
         return None
     vocab = tokenizer.get_vocab()
     return hashlib.sha256(json.dumps(sorted(vocab.items())).encode("utf-8")).hexdigest()
+
+
+def weights_sha256(weights: Tensor) -> str:
+    """sha256 of a weights tensor as contiguous little-endian float32 bytes (the checksum stored in the file)."""
+    array = weights.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4")
+    return hashlib.sha256(array.tobytes()).hexdigest()
 
 
 def model_fingerprint(backend: Any) -> dict[str, Any]:
@@ -170,6 +180,7 @@ class LinearEstimator:
             "granularity": self.granularity,
             "model_fingerprint": self.model_fingerprint,
             "training": self.training,
+            "weights_sha256": weights_sha256(self.weights),
         }
 
     def to_bytes(self) -> bytes:
@@ -278,6 +289,9 @@ def load_estimator_file(path: Path | str, expected_fingerprint: dict[str, Any] |
                 f"{path}: model_fingerprint says {key}={fingerprint[key]!r} but the feature layout says "
                 f"{key}={layout[key]!r}; the file is inconsistent"
             )
+    checksum = meta.get("weights_sha256")
+    if checksum is not None and checksum != weights_sha256(weights):
+        raise _bad(path, "the weights do not match the weights_sha256 checksum in the metadata (the data is damaged)")
     estimator = LinearEstimator(
         weights=weights,
         ablation_mode=meta["ablation_mode"],

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from at2_lens._typing import typechecked
 from at2_lens.backends import Backend, get_backend
-from at2_lens.errors import InputError
+from at2_lens.errors import InputError, NumericalError
 
 Span = tuple[int, int]
 
@@ -108,7 +108,10 @@ def extract_features(
             # [1, head, row, key] @ [key, source] -> [row, source, head]
             reduced = torch.einsum("bhrk,ks->rsh", pattern[:, :, rows, :].float(), member)
             if not torch.isfinite(reduced).all():
-                raise FloatingPointError(f"non-finite attention in layer {layer}: refusing to return NaN features")
+                raise NumericalError(
+                    f"attention of layer {layer} holds NaN or inf (e.g. a row whose every key is masked); refusing "
+                    "to return non-finite features"
+                )
             per_layer[layer] = reduced
 
         return hook

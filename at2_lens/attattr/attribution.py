@@ -39,8 +39,20 @@ from at2_lens.attattr._utils import (
     select_output,
 )
 from at2_lens.backends import Backend, get_backend
-from at2_lens.errors import InputError
+from at2_lens.errors import InputError, NumericalError
 from at2_lens.interventions import FwdHook, replace_pattern
+
+
+def _check_not_ragged(inputs: object) -> None:
+    """A list of token sequences of different lengths gets a clear error (pad them and pass ``attention_mask``)."""
+    if isinstance(inputs, Tensor) or not isinstance(inputs, list | tuple) or not inputs:
+        return
+    lengths = [len(row) if isinstance(row, Sequence | Tensor) else None for row in inputs]
+    if None not in lengths and len(set(lengths)) > 1:
+        raise InputError(
+            f"inputs: examples differ in length ({lengths}); pad them into one [batch, pos] tensor and pass "
+            "attention_mask (1 = real token, 0 = padding)"
+        )
 
 
 class AttentionAttribution(GradientAttribution):
@@ -188,9 +200,12 @@ class AttentionAttribution(GradientAttribution):
         n_steps = check_n_steps(n_steps, method)
         internal_batch_size = check_internal_batch_size(internal_batch_size)
         layer_list = backend.check_layers(as_layer_list(layers))
+        _check_not_ragged(inputs)
         inputs_1d = isinstance(inputs, Tensor) and inputs.dim() == 1
         tokens = backend.check_tokens(inputs, name="inputs").to(backend.device)
         mask = self._check_mask(attention_mask, tokens.shape)
+        if mask is None:
+            self._check_unmasked_padding(tokens)
         n_rows, n_pos = tokens.shape
         tgt = normalise_target(target)
         extra = format_additional_args(additional_forward_args)
@@ -219,6 +234,12 @@ class AttentionAttribution(GradientAttribution):
         rows = self._read_rows(labels, mask, n_rows, n_pos) if self.output_func is None and causal else None
         mode = self._rows_mode() if rows is not None else None
         patterns, resids, clean_out, final = self._clean_pass(tokens, mask, layer_list, start_layers, mode == "hooked")
+        for layer, pattern in patterns.items():
+            if not bool(torch.isfinite(pattern).all()):
+                raise NumericalError(
+                    f"attention of layer {layer} holds NaN or inf (e.g. a row whose every key is masked); "
+                    "refusing to integrate gradients over it"
+                )
 
         # Resolve F's selector now that the unmodified output is known.
         if self.output_func is None:
@@ -241,6 +262,8 @@ class AttentionAttribution(GradientAttribution):
             selector = index.to(backend.device) if index is not None else None
         with torch.no_grad():
             f_full = self._objective(clean_out, tokens, selector, extra).detach()
+        if not bool(torch.isfinite(f_full).all()):
+            raise NumericalError(f"output: F of the unmodified model is not finite ({f_full.tolist()})")
         if mode == "hooked" and rows is not None and final is not None:
             # The rows-only unembedding must reproduce the model's own logits (catches soft caps and the like).
             own = clean_out.logits[:, rows.to(clean_out.logits.device)]
@@ -261,6 +284,8 @@ class AttentionAttribution(GradientAttribution):
                 patterns[layer], additional_forward_args=args, n_steps=n_steps, method=method,
                 internal_batch_size=internal_batch_size,
             )
+            if not bool(torch.isfinite(attr).all()):
+                raise NumericalError(f"attributions of layer {layer} hold NaN or inf; refusing to return them")
             attrs.append(attr.detach())
             if return_convergence_delta:
                 with torch.no_grad():
@@ -284,6 +309,26 @@ class AttentionAttribution(GradientAttribution):
         )
 
     # --------------------------------------------------------------------------------------------------- internals
+    def _check_unmasked_padding(self, tokens: Tensor) -> None:
+        """Refuse a padded batch given without ``attention_mask``: rows whose runs of pad tokens at the end (or the
+        start) differ in length are examples of different lengths, and the padding would be attended to."""
+        if tokens.shape[0] < 2:
+            return
+        pad = getattr(getattr(self.backend.model, "tokenizer", None), "pad_token_id", None)
+        if not isinstance(pad, int) or isinstance(pad, bool):
+            return
+        is_pad = (tokens == pad).cpu()
+        # length of the run of pad tokens at the end / the start of each row
+        trailing = is_pad.flip(1).long().cumprod(dim=1).sum(dim=1)
+        leading = is_pad.long().cumprod(dim=1).sum(dim=1)
+        for side, runs in (("end", trailing), ("start", leading)):
+            if bool((runs != runs[0]).any()):
+                raise InputError(
+                    f"attention_mask: the rows of inputs have different numbers of pad tokens (id {pad}) at the "
+                    f"{side} ({runs.tolist()}): examples of different lengths need an attention_mask (1 = real "
+                    "token, 0 = padding); if those tokens are real, pass attention_mask=torch.ones_like(inputs)"
+                )
+
     def _check_mask(self, attention_mask: object, shape: torch.Size) -> Tensor | None:
         if attention_mask is None:
             return None

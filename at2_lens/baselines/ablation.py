@@ -21,7 +21,7 @@ from at2_lens.at2.ablation import AblationMode, check_mode, random_masks
 from at2_lens.at2.outputs import OutputType, check_output_type
 from at2_lens.backends import get_backend
 from at2_lens.baselines._common import TaskAblationFn, ablation_fn, make_result, resolve_task
-from at2_lens.errors import InputError
+from at2_lens.errors import InputError, NumericalError
 from at2_lens.results import SourceAttribution
 from at2_lens.tasks import ContextTask, TargetSpan, TokenizedTask
 
@@ -44,11 +44,13 @@ class _AblationAttribution(PerturbationAttribution):
         super().__init__(forward_func)
         if not backend.is_causal:
             raise InputError("forward_func: ablation baselines attribute generated responses; need a decoder")
-        if batch_size < 1:
-            raise InputError(f"batch_size: expected >= 1, got {batch_size}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"batch_size: expected an int >= 1, got {batch_size!r}")
         self.backend = backend
         self.mode: AblationMode = check_mode(mode)
         self.output: OutputType = check_output_type(output)
+        if self.mode == "mask" and ablate is None:
+            _ = backend.attention_access  # fails now, with the reason, if attention cannot be intervened on
         self.batch_size = batch_size
         self.ablate = ablate
 
@@ -62,9 +64,13 @@ class _AblationAttribution(PerturbationAttribution):
         else:
             out = ablation_fn(self.backend.model, task, mode=self.mode, output=self.output,
                               batch_size=self.batch_size)(masks.bool())
-        if out.shape != (masks.shape[0],) or not torch.isfinite(out).all():
-            raise FloatingPointError(f"ablation returned {tuple(out.shape)} outputs (finite: "
-                                     f"{bool(torch.isfinite(out).all())}) for {masks.shape[0]} masks")
+        if out.shape != (masks.shape[0],):
+            raise InputError(f"ablate: returned {tuple(out.shape)} outputs for {masks.shape[0]} masks")
+        if not torch.isfinite(out).all():
+            raise NumericalError(
+                f"ablation outputs hold NaN or inf for {int((~torch.isfinite(out)).sum())} of {masks.shape[0]} masks "
+                "(non-finite attention or logits); refusing to return scores computed from them"
+            )
         return out
 
 
@@ -165,9 +171,9 @@ class ContextCite(_AblationAttribution):
         super().__init__(forward_func, mode=mode, output=output, batch_size=batch_size, ablate=ablate)
         if isinstance(n_ablations, bool) or not isinstance(n_ablations, int) or n_ablations < 2:
             raise InputError(f"n_ablations: expected an int >= 2, got {n_ablations!r}")
-        if not 0.0 < keep_prob < 1.0:
-            raise InputError(f"keep_prob: expected a probability in (0, 1), got {keep_prob}")
-        if alpha <= 0:
+        if isinstance(keep_prob, bool) or not isinstance(keep_prob, int | float) or not 0.0 < keep_prob < 1.0:
+            raise InputError(f"keep_prob: expected a probability in (0, 1), got {keep_prob!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha > 0:
             raise InputError(f"alpha: expected > 0, got {alpha}")
         self.n_ablations = n_ablations
         self.keep_prob = keep_prob

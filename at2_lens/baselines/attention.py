@@ -38,8 +38,17 @@ class AverageAttention(Attribution):
             raise InputError("forward_func: attention baselines attribute generated responses; need a decoder")
         self.backend = backend
         if layers is not None:
-            layers = [int(x) + backend.n_layers if int(x) < 0 else int(x) for x in layers]
+            if isinstance(layers, str | bytes) or not isinstance(layers, Sequence):
+                raise InputError(f"layers: expected None or a sequence of layer indices, got {layers!r}")
+            bad = [x for x in layers if isinstance(x, bool) or not isinstance(x, int)]
+            if bad:
+                raise InputError(f"layers: expected integer layer indices, got {bad[0]!r}")
+            n = backend.n_layers
+            if any(not -n <= x < n for x in layers):
+                raise InputError(f"layers: expected indices in [-{n}, {n}) (negative count from the end), got {layers}")
+            layers = [x + n if x < 0 else x for x in layers]
         self.layers: list[int] = backend.check_layers(layers)
+        _ = backend.attention_access  # fails now, with the reason, if attention cannot be read
 
     def has_convergence_delta(self) -> bool:
         return False

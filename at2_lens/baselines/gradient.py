@@ -27,6 +27,7 @@ from at2_lens.errors import InputError, ModelNotSupportedError
 from at2_lens.results import SourceAttribution
 from at2_lens.tasks import ContextTask, TargetSpan, TokenizedTask
 
+_METHODS = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
 EMBED_HOOKS: tuple[str, ...] = ("hook_embed", "embed.hook_out")
 _UNITS = {"logit_prob": "logit-probability of the target", "log_prob": "log-probability of the target (nats)"}
 
@@ -67,7 +68,7 @@ class _EmbeddingGradient(GradientAttribution):
             raise InputError("forward_func: these baselines attribute generated responses; need a decoder")
         self.backend = backend
         self.output: OutputType = check_output_type(output)
-        self.hook_point = embedding_hook_point(forward_func)
+        self.hook_point = embedding_hook_point(backend.model)
 
     def has_convergence_delta(self) -> bool:
         return False
@@ -137,10 +138,13 @@ class IntegratedGradientsAttribution(_EmbeddingGradient):
     ) -> None:
         super().__init__(forward_func, output=output)
         self.check_completeness = check_completeness
-        if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-            raise InputError(f"n_steps: expected an int >= 1, got {n_steps!r}")
-        if internal_batch_size < 1:
-            raise InputError(f"internal_batch_size: expected >= 1, got {internal_batch_size}")
+        lowest = 1 if method == "gausslegendre" else 2  # captum's Riemann rules need two points
+        if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < lowest:
+            raise InputError(f"n_steps: expected an int >= {lowest} for method={method!r}, got {n_steps!r}")
+        if isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int) or internal_batch_size < 1:
+            raise InputError(f"internal_batch_size: expected an int >= 1, got {internal_batch_size!r}")
+        if method not in _METHODS:
+            raise InputError(f"method: expected one of {_METHODS}, got {method!r}")
         self.n_steps = n_steps
         self.method = method
         self.internal_batch_size = internal_batch_size

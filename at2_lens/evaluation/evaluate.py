@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from at2_lens.at2.ablation import AblationMode, check_mode
-from at2_lens.at2.attribution import AT2Attribution, prepare_task
+from at2_lens.at2.attribution import AT2Attribution, check_tasks, prepare_task
 from at2_lens.at2.outputs import OutputType, check_output_type
 from at2_lens.backends import get_backend
 from at2_lens.baselines import GradientXInput, LeaveOneOut
@@ -182,8 +182,14 @@ def evaluate(
         raise InputError(f"n_eval_masks: expected >= 2, got {n_eval_masks}")
     if not ks or any(int(k) < 1 for k in ks) or kendall_k < 1:
         raise InputError(f"ks / kendall_k: expected positive integers, got {list(ks)} / {kendall_k}")
+    if not isinstance(methods, Mapping):
+        raise InputError(f"methods: expected a {{name: attribution object}} mapping, got {type(methods).__name__}")
+    for name, method in methods.items():
+        if not callable(getattr(method, "attribute", None)):
+            raise InputError(f"methods[{name!r}]: expected an object with attribute(task), got {type(method).__name__}")
     model = _model_of(methods, model)
     backend = get_backend(model)
+    check_tasks(backend, tasks)  # every task tokenizes and fits the context window, before any model work
     log: Callable[[str], None]
     if callable(progress):
         log = progress
