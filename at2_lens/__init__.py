@@ -23,22 +23,30 @@ _EXPORTS: dict[str, str] = {
     "AttentionAttribution": "at2_lens.attattr",
     "PooledOutput": "at2_lens.attattr",
     "evaluate": "at2_lens.evaluation",
+    "CaptumLM": "at2_lens.interop",
+    "to_llm_attribution_result": "at2_lens.interop",
+    "ablate_heads_hooks": "at2_lens.head_ablation",
+    "top_heads": "at2_lens.head_ablation",
 }
 
 __all__ = [
     "AT2Attribution",
     "AttentionAttribution",
     "Backend",
+    "CaptumLM",
     "ContextTask",
     "LinearEstimator",
     "PooledOutput",
     "SourceAttribution",
     "TargetSpan",
     "__version__",
+    "ablate_heads_hooks",
     "evaluate",
     "get_backend",
     "load_estimator",
     "load_model",
+    "to_llm_attribution_result",
+    "top_heads",
 ]
 
 
@@ -59,6 +67,8 @@ if TYPE_CHECKING:
     from at2_lens.attattr import AttentionAttribution, PooledOutput
     from at2_lens.backends import Backend, get_backend
     from at2_lens.evaluation import evaluate
+    from at2_lens.head_ablation import ablate_heads_hooks, top_heads
+    from at2_lens.interop import CaptumLM, to_llm_attribution_result
     from at2_lens.models import load_model
     from at2_lens.results import SourceAttribution
     from at2_lens.tasks import ContextTask, TargetSpan
