@@ -566,8 +566,25 @@ def test_encoder_where_a_decoder_is_needed(tiny_bert_models: dict[str, Any]) -> 
 
 # ===================================================================================================== 6. NaN/inf
 @contextlib.contextmanager
+def nan_attention_row(model: Any, layer: int = 0, row: int = -2) -> Iterator[None]:
+    """Make one row of a layer's attention pattern NaN, as broken weights or a 0/0 softmax would."""
+    point = model.hook_dict[f"blocks.{layer}.attn.hook_pattern"]
+
+    def hook(module: Any, args: Any, pattern: torch.Tensor) -> torch.Tensor:
+        pattern = pattern.clone()
+        pattern[..., row, :] = float("nan")
+        return pattern
+
+    handle = point.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
 def fully_masked_row(model: Any, layer: int = 0, row: int = -2) -> Iterator[None]:
-    """Mask every key of one attention row (scores = -inf), so softmax gives NaN there, as a broken mask would."""
+    """Mask every key of one attention row (scores = -inf before the softmax)."""
     point = model.hook_dict[f"blocks.{layer}.attn.hook_attn_scores"]
 
     def hook(module: Any, args: Any, scores: torch.Tensor) -> torch.Tensor:
@@ -591,11 +608,24 @@ def nan_model() -> Any:
     return primed(load_tiny("llama", BACKENDS[0], seed=0))
 
 
-def test_fully_masked_row_really_gives_nan(nan_model: Any) -> None:
-    """The precondition of the NaN cases: the injected row is NaN in hook_pattern."""
-    with fully_masked_row(nan_model):
+def test_nan_row_really_reaches_the_pattern(nan_model: Any) -> None:
+    """The precondition of the NaN cases: the injected row is NaN where the methods read hook_pattern."""
+    with nan_attention_row(nan_model):
         _, cache = nan_model.run_with_cache(torch.tensor([[5, 6, 7, 8]]), names_filter="blocks.0.attn.hook_pattern")
     assert torch.isnan(cache["blocks.0.attn.hook_pattern"][0, :, -2]).all()
+
+
+def test_fully_masked_row_gives_zeros_or_an_error(nan_model: Any, task: ContextTask) -> None:
+    """Every key of a row masked: TL 3.9's HookedTransformer turns the 0/0 row into zeros itself, a bridge gives
+    NaN. Either way no NaN score comes back: the scores are finite or NumericalError is raised."""
+    at2 = AT2Attribution(nan_model)
+    with fully_masked_row(nan_model):
+        try:
+            scores = at2.attribute(task).scores
+        except NumericalError as exc:
+            assert "NaN" in str(exc)
+        else:
+            assert torch.isfinite(scores).all()
 
 
 @pytest.mark.parametrize(
@@ -605,25 +635,25 @@ def test_fully_masked_row_really_gives_nan(nan_model: Any) -> None:
 )
 def test_nan_attention_never_gives_nan_scores(nan_model: Any, task: ContextTask, make: Callable[[Any], Any]) -> None:
     method = make(nan_model)
-    with fully_masked_row(nan_model), pytest.raises(NumericalError, match="NaN"):
+    with nan_attention_row(nan_model), pytest.raises(NumericalError, match="NaN"):
         method.attribute(task)
     assert torch.isfinite(method.attribute(task).scores).all()  # the same call without the broken row works
 
 
 def test_nan_attention_in_attattr(nan_model: Any) -> None:
     attattr = AttentionAttribution(nan_model)
-    with fully_masked_row(nan_model, layer=1), pytest.raises(NumericalError, match="layer 1 holds NaN"):
+    with nan_attention_row(nan_model, layer=1), pytest.raises(NumericalError, match="layer 1 holds NaN"):
         attattr.attribute(torch.tensor([[5, 6, 7, 8]]), layers=[1], n_steps=2)
 
 
 def test_nan_attention_in_collect_writes_nothing(nan_model: Any, task: ContextTask, tmp_path: Path) -> None:
-    with fully_masked_row(nan_model), pytest.raises(NumericalError, match="NaN"):
+    with nan_attention_row(nan_model), pytest.raises(NumericalError, match="NaN"):
         collect(nan_model, [task], tmp_path, n_masks=2, progress=False)
     assert not list(tmp_path.glob("examples/*.safetensors"))
 
 
 def test_nan_attention_in_evaluate(nan_model: Any, task: ContextTask) -> None:
-    with fully_masked_row(nan_model), pytest.raises(NumericalError):
+    with nan_attention_row(nan_model), pytest.raises(NumericalError):
         evaluate({"avg": AverageAttention(nan_model)}, [task], metrics=["kendall_gradxinput"], timing_repeats=1)
 
 
@@ -698,5 +728,5 @@ def test_real_model_support(smol: Any, minilm: Any) -> None:
 def test_real_nan_attention(smol: Any) -> None:
     at2 = AT2Attribution(smol)
     short = ContextTask("The Nile is long. The Amazon is wide.", QUERY, response="The Nile.")
-    with fully_masked_row(smol, layer=3), pytest.raises(NumericalError, match="layer 3 holds NaN"):
+    with nan_attention_row(smol, layer=3), pytest.raises(NumericalError, match="layer 3 holds NaN"):
         at2.attribute(short)

@@ -181,12 +181,17 @@ def load_hf_model(
                     trust_remote_code=False,
                     **model_kwargs,
                 )
-    except (OSError, ValueError, KeyError, ImportError, RuntimeError) as exc:
+    except Exception as exc:  # any failure to load (a refused pickle included) is a ModelLoadError
         if isinstance(exc, ModelLoadError):
             raise
+        unpickling = type(exc).__name__ == "UnpicklingError"
+        why = (
+            "its .bin weights hold objects other than tensors; they are only read with torch.load(weights_only=True), "
+            "so pickled code is never run" if unpickling else
+            "remote code is never enabled; weights must be safetensors unless use_safetensors=False is passed"
+        )
         raise ModelLoadError(
-            f"could not load the Hugging Face model {source!r} (remote code is never enabled; weights must be "
-            f"safetensors unless use_safetensors=False is passed): {type(exc).__name__}: {exc}"
+            f"could not load the Hugging Face model {source!r} ({why}): {type(exc).__name__}: {str(exc)[:500]}"
         ) from exc
     drop_gguf_quantizer(hf_model)
     # Name the class actually loaded (e.g. BertForMaskedLM for a "BertModel" checkpoint): TransformerLens picks
