@@ -35,7 +35,7 @@ demo: .venv/.ready
 
 test: test-tl4 test-tl3
 
-test-tl4: .venv/.ready
+test-tl4: .venv/.ready docs
 	@echo "== TransformerLens 4.x =="
 	.venv/bin/ruff check at2_lens tests benchmarks
 	.venv/bin/python -m pytest $(PYTEST_ARGS)
@@ -51,8 +51,16 @@ test-tl3: .venv-tl3/.ready
 	@echo "== TransformerLens 3.9 =="
 	.venv-tl3/bin/python -m pytest $(PYTEST_ARGS)
 
+# The documentation site (mkdocs-material + mkdocstrings), built with warnings treated as errors.
+.venv/.docs-ready: .venv/.ready pyproject.toml
+	.venv/bin/pip install $(PIP_FLAGS) -c constraints.txt -e ".[docs]"
+	touch $@
+
+docs: .venv/.docs-ready
+	NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --site-dir site
+
 lint: .venv/.ready
 	.venv/bin/ruff check at2_lens tests benchmarks
 
 clean:
-	rm -rf .venv .venv-tl3
+	rm -rf .venv .venv-tl3 site

@@ -105,7 +105,7 @@ def compare_fingerprints(
 
 @dataclass(eq=False)
 class LinearEstimator:
-    """AT2's learned head weighting: score(s) = Σ_{l,h} w[l, h] · φ[s][l, h].
+    """AT2's learned head weighting: ``score(s) = Σ_{l,h} w[l, h] · φ[s][l, h]``.
 
     ``weights`` is float32 [L, H]. The rest is provenance checked when the estimator is loaded or used: the feature
     layout, how the training ablations were done (``ablation_mode``), what output they measured (``output_type``),
