@@ -38,6 +38,7 @@ from at2_lens.attattr._utils import (
     row_labels_from_target,
     select_output,
 )
+from at2_lens.attattr.memory import chunk_rows, parse_memory_budget, step_bytes
 from at2_lens.backends import Backend, get_backend
 from at2_lens.errors import InputError, NumericalError
 from at2_lens.interventions import FwdHook, replace_pattern
@@ -157,6 +158,7 @@ class AttentionAttribution(GradientAttribution):
         n_steps: int = 20,
         method: str = "gausslegendre",
         internal_batch_size: int | None = None,
+        memory_budget: int | str | None = None,
         attention_mask: Int[Tensor, "batch pos"] | Int[Tensor, " pos"] | None = None,
         return_convergence_delta: bool = False,
     ) -> AttAttrResult:
@@ -187,6 +189,10 @@ class AttentionAttribution(GradientAttribution):
             method: Captum's ``"gausslegendre"`` (default), ``"riemann_right"``, ``"riemann_left"``,
                 ``"riemann_middle"`` or ``"riemann_trapezoid"``.
             internal_batch_size: at most this many rows per forward pass (examples × steps), to bound memory.
+            memory_budget: instead of ``internal_batch_size``, the memory the integration steps may use, in bytes or
+                as a string (``"2GB"``, ``"512MiB"``): each layer's steps are chunked so that a chunk's estimated
+                activations fit (see ``at2_lens.attattr.memory``; weights and the clean pass are not counted).
+                Chunking changes only the order of float sums. A budget too small for one step is an InputError.
             attention_mask: ``[batch, pos]``, 1 for real tokens, 0 for padding.
             return_convergence_delta: also compute, per layer, ``Σ attributions − (F(A) − F(A_l = 0))`` (one extra
                 forward per layer).
@@ -199,6 +205,9 @@ class AttentionAttribution(GradientAttribution):
         method = check_method(method)
         n_steps = check_n_steps(n_steps, method)
         internal_batch_size = check_internal_batch_size(internal_batch_size)
+        if memory_budget is not None and internal_batch_size is not None:
+            raise InputError("memory_budget: give either memory_budget or internal_batch_size, not both")
+        budget = parse_memory_budget(memory_budget) if memory_budget is not None else None
         layer_list = backend.check_layers(as_layer_list(layers))
         _check_not_ragged(inputs)
         inputs_1d = isinstance(inputs, Tensor) and inputs.dim() == 1
@@ -233,6 +242,11 @@ class AttentionAttribution(GradientAttribution):
         start_layers = [lyr for lyr in layer_list if start[lyr]]
         rows = self._read_rows(labels, mask, n_rows, n_pos) if self.output_func is None and causal else None
         mode = self._rows_mode() if rows is not None else None
+        chunks = {layer: internal_batch_size for layer in layer_list}
+        if budget is not None:  # checked here, before the clean pass: a too-small budget fails before any work
+            logit_rows = len(rows) if (mode is not None and rows is not None) else n_pos
+            chunks = {layer: self._chunk_rows(budget, n_rows, n_pos, n_steps, layer, start[layer], logit_rows)
+                      for layer in layer_list}
         patterns, resids, clean_out, final = self._clean_pass(tokens, mask, layer_list, start_layers, mode == "hooked")
         for layer, pattern in patterns.items():
             if not bool(torch.isfinite(pattern).all()):
@@ -282,7 +296,7 @@ class AttentionAttribution(GradientAttribution):
             ig = IntegratedGradients(forward)
             attr = ig.attribute(
                 patterns[layer], additional_forward_args=args, n_steps=n_steps, method=method,
-                internal_batch_size=internal_batch_size,
+                internal_batch_size=chunks[layer],
             )
             if not bool(torch.isfinite(attr).all()):
                 raise NumericalError(f"attributions of layer {layer} hold NaN or inf; refusing to return them")
@@ -308,7 +322,33 @@ class AttentionAttribution(GradientAttribution):
             n_steps=n_steps,
         )
 
+    def internal_batch_size_for(
+        self, n_pos: int, memory_budget: int | str, *, n_steps: int = 20, n_rows: int = 1, layer: int = 0
+    ) -> int | None:
+        """The ``internal_batch_size`` that ``attribute(..., memory_budget=...)`` picks for ``layer`` (None: all
+        steps in one chunk), assuming the full logits are computed. InputError if one step does not fit."""
+        budget = parse_memory_budget(memory_budget)
+        for name, value in (("n_pos", n_pos), ("n_rows", n_rows)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"{name}: expected an integer >= 1, got {value!r}")
+        layer = self.backend.check_layers([layer])[0]
+        n_steps = check_n_steps(n_steps, "gausslegendre")
+        return self._chunk_rows(budget, n_rows, n_pos, n_steps, layer, self.starts_at_layer and layer > 0, n_pos)
+
     # --------------------------------------------------------------------------------------------------- internals
+    def _chunk_rows(
+        self, budget: int, n_rows: int, n_pos: int, n_steps: int, layer: int, starts_here: bool, logit_rows: int
+    ) -> int | None:
+        """Rows per integration chunk of ``layer`` within ``budget`` bytes (see ``at2_lens.attattr.memory``)."""
+        b = self.backend
+        cfg = b.model.cfg
+        d_mlp = getattr(cfg, "d_mlp", None) or 4 * b.d_model
+        per_step = step_bytes(
+            n_pos=n_pos, n_layers=b.n_layers - layer if starts_here else b.n_layers, n_heads=b.n_heads,
+            d_model=b.d_model, d_mlp=int(d_mlp), d_vocab=b.d_vocab, logit_rows=logit_rows,
+        )
+        return chunk_rows(budget, per_step, n_rows, n_steps)
+
     def _check_unmasked_padding(self, tokens: Tensor) -> None:
         """Refuse a padded batch given without ``attention_mask``: rows whose runs of pad tokens at the end (or the
         start) differ in length are examples of different lengths, and the padding would be attended to."""
