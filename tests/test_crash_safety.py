@@ -24,7 +24,7 @@ from at2_lens.models.tiny import save_tiny
 from at2_lens.tasks import ContextTask
 
 ROOT = Path(__file__).resolve().parents[1]
-N_TASKS = 24
+N_TASKS = 32
 
 
 def _write_tasks(path: Path, n: int) -> Path:
@@ -72,12 +72,14 @@ def test_collect_cli_killed_three_times_at_random_moments_resumes_to_identical_s
     for attempt in range(3):
         before = _n_examples(killed)
         proc = subprocess.Popen(cmd(killed), env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        # A random moment inside the collection: after this run has written its first new example, plus a random
-        # delay (often mid-example, sometimes during a write).
+        # A random moment inside the collection: after this run has written a random number (1-3) of new examples,
+        # plus a random delay (mostly mid-example, sometimes during a write). Counting examples rather than seconds
+        # keeps every kill inside the collection on fast and slow machines alike.
+        target = before + rng.randint(1, 3)
         deadline = time.time() + 240
-        while time.time() < deadline and _n_examples(killed) == before and proc.poll() is None:
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0.0, 0.4))
+        while time.time() < deadline and _n_examples(killed) < target and proc.poll() is None:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 0.15))
         assert proc.poll() is None, f"kill {attempt}: the collection finished before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
