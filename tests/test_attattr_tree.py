@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import networkx as nx
@@ -16,13 +15,7 @@ from at2_lens.errors import InputError
 from tests.conftest import BACKENDS
 from tests.test_heads import TinyClassifier
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _hand_made(scale: float = 5.0, mask: torch.Tensor | None = None, n_pos: int = 3) -> AttAttrResult:

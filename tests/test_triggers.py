@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -19,13 +17,7 @@ from at2_lens.errors import InputError
 from tests.conftest import BACKENDS, SHARED_DATA, shared_data
 from tests.test_heads import LABELS, TEXTS, TinyClassifier
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pattern(key_rel: float, query_rel: float, key_id: int = 901, query_id: int = 902) -> TriggerPattern:
