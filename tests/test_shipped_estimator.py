@@ -11,6 +11,7 @@ import torch
 
 import at2_lens
 from at2_lens.at2.pretrained import DEFAULT_ESTIMATOR, shipped_estimator_paths
+from tests.conftest import shared_data
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,3 +55,26 @@ def test_shipped_estimator_ranks_the_answer_sentence_first(smollm2: object) -> N
                        response="The height of Mount Everest is 8,849.")
     res = at2_lens.AT2Attribution(smollm2, estimator=at2_lens.load_estimator()).attribute(task)
     assert "8,849" in res.top_k(1)[0][1]
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_recorded_squad_metrics_are_reproduced_by_evaluate(smollm2: object) -> None:
+    """The model card's held-out SQuAD numbers come from benchmarks/results/faithfulness_full.csv; ``evaluate`` with
+    the benchmark's settings reproduces AT2's rows of its first task."""
+    import pandas as pd
+
+    from at2_lens.evaluation.evaluate import evaluate
+    from at2_lens.evaluation.squad import squad_split
+
+    recorded = pd.read_csv(ROOT / "benchmarks" / "results" / "faithfulness_full.csv")
+    recorded = recorded[(recorded.method == "at2") & (recorded.task == 0)].set_index(["metric", "k"], drop=False)
+    _, held = squad_split(shared_data("squad_v2", "dev_subset.json"))
+    methods = {"at2": at2_lens.AT2Attribution(smollm2, estimator=at2_lens.load_estimator())}
+    df = evaluate(methods, held[:1], ["lds", "topk_drop_mask"], n_eval_masks=32, ks=(1, 3), max_new_tokens=32,
+                  seed=0, task_ids=[0])
+    assert len(df) == 3
+    for row in df.itertuples():
+        want = recorded[(recorded.metric == row.metric) & (recorded.k.fillna(-1) == (-1 if pd.isna(row.k) else row.k))]
+        assert len(want) == 1, (row.metric, row.k)
+        assert abs(row.value - float(want.value.iloc[0])) < 0.02, (row.metric, row.k, row.value)
