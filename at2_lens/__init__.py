@@ -22,7 +22,7 @@ _EXPORTS: dict[str, str] = {
     "SourceAttribution": "at2_lens.results",
     "AttentionAttribution": "at2_lens.attattr",
     "PooledOutput": "at2_lens.attattr",
-    "evaluate": "at2_lens.evaluation",
+    "evaluate": "at2_lens.evaluation.runner",
     "CaptumLM": "at2_lens.interop",
     "to_llm_attribution_result": "at2_lens.interop",
     "ablate_heads_hooks": "at2_lens.head_ablation",
@@ -66,7 +66,7 @@ if TYPE_CHECKING:
     from at2_lens.at2.pretrained import load_estimator
     from at2_lens.attattr import AttentionAttribution, PooledOutput
     from at2_lens.backends import Backend, get_backend
-    from at2_lens.evaluation import evaluate
+    from at2_lens.evaluation.runner import evaluate
     from at2_lens.head_ablation import ablate_heads_hooks, top_heads
     from at2_lens.interop import CaptumLM, to_llm_attribution_result
     from at2_lens.models import load_model

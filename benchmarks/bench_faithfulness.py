@@ -35,8 +35,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
 from at2_lens._io import atomic_write_text  # noqa: E402
-from at2_lens.evaluation.evaluate import evaluate, markdown_table, resolve_metrics, summarize  # noqa: E402
 from at2_lens.evaluation.methods import build_methods  # noqa: E402
+from at2_lens.evaluation.runner import evaluate, markdown_table, resolve_metrics, summarize  # noqa: E402
 from at2_lens.evaluation.squad import HELD_OUT_MODULUS, squad_split  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad_v2" / "dev_subset.json"

@@ -52,7 +52,7 @@ from at2_lens.errors import (
     NumericalError,
     StoreError,
 )
-from at2_lens.evaluation.evaluate import evaluate
+from at2_lens.evaluation.runner import evaluate
 from tests.conftest import HOOKED_AVAILABLE
 
 CONTEXT = ["The Nile is the longest river. It flows north.", "The Amazon carries the most water."]

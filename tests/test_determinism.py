@@ -15,7 +15,7 @@ from at2_lens.at2.store import AblationStore, random_masks, shard_indices
 from at2_lens.at2.training import train_estimator
 from at2_lens.backends import get_backend
 from at2_lens.baselines import LeaveOneOut
-from at2_lens.evaluation.evaluate import evaluate
+from at2_lens.evaluation.runner import evaluate
 from at2_lens.tasks import ContextTask
 
 N_TASKS = 6

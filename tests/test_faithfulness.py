@@ -22,7 +22,6 @@ from at2_lens.backends import get_backend
 from at2_lens.baselines import AverageAttention, ContextCite, GradientXInput, LeaveOneOut
 from at2_lens.errors import InputError
 from at2_lens.evaluation.cli import add_evaluate_parser, cmd_evaluate
-from at2_lens.evaluation.evaluate import evaluate, markdown_table, resolve_metrics, summarize
 from at2_lens.evaluation.methods import build_methods
 from at2_lens.evaluation.metrics import (
     adversarial_attention,
@@ -39,6 +38,7 @@ from at2_lens.evaluation.metrics import (
     topk_drop_from,
     topk_kendall_tau,
 )
+from at2_lens.evaluation.runner import evaluate, markdown_table, resolve_metrics, summarize
 from at2_lens.evaluation.squad import is_held_out, squad_split
 from at2_lens.tasks import ContextTask, TokenizedTask
 from tests.conftest import shared_data
@@ -312,3 +312,18 @@ def test_evaluate_on_smollm2_squad(smollm2: object) -> None:
     assert drops["loo"] >= drops.max() - 1e-4
     assert df[(df.method == "loo") & (df.metric == "kendall_loo")].value.iloc[0] == pytest.approx(1.0)
     assert df.attrs["ground_truth_forward_passes"] == 9
+
+
+def test_evaluate_stays_the_function_after_every_import_path() -> None:
+    """A submodule named like the function once shadowed ``at2_lens.evaluate`` after its first use."""
+    import importlib
+
+    import at2_lens
+    import at2_lens.evaluation
+
+    first = at2_lens.evaluate
+    importlib.import_module("at2_lens.evaluation.runner")
+    from at2_lens.evaluation import evaluate as again
+
+    assert callable(first) and first is at2_lens.evaluate is again is at2_lens.evaluation.evaluate
+    assert first.__module__ == "at2_lens.evaluation.runner"

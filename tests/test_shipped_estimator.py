@@ -64,7 +64,7 @@ def test_recorded_squad_metrics_are_reproduced_by_evaluate(smollm2: object) -> N
     the benchmark's settings reproduces AT2's rows of its first task."""
     import pandas as pd
 
-    from at2_lens.evaluation.evaluate import evaluate
+    from at2_lens.evaluation.runner import evaluate
     from at2_lens.evaluation.squad import squad_split
 
     recorded = pd.read_csv(ROOT / "benchmarks" / "results" / "faithfulness_full.csv")

@@ -2,7 +2,7 @@
 
 - ``metrics``: LDS, top-k drop, Kendall τ (and its top-k variant), Jensen–Shannon divergence, counterfactual
   (permuted) and adversarial attention; pure functions plus the functions that run the model.
-- ``evaluate``: ``evaluate(methods, tasks, metrics) -> DataFrame`` (tidy), ``summarize``, ``markdown_table``.
+- ``runner``: ``evaluate(methods, tasks, metrics) -> DataFrame`` (tidy), ``summarize``, ``markdown_table``.
 - ``methods``: build attribution objects by name (``at2``, ``loo``, ``contextcite64``, ...).
 - ``squad``: the benchmark's SQuAD tasks and their deterministic train / held-out split.
 - ``cli``: ``add_evaluate_parser`` / ``cmd_evaluate`` for ``at2-lens evaluate``.
@@ -18,9 +18,9 @@ from typing import Any
 _EXPORTS: dict[str, str] = {
     "DEFAULT_METRICS": "at2_lens.evaluation._names",
     "METRICS": "at2_lens.evaluation._names",
-    "evaluate": "at2_lens.evaluation.evaluate",
-    "summarize": "at2_lens.evaluation.evaluate",
-    "markdown_table": "at2_lens.evaluation.evaluate",
+    "evaluate": "at2_lens.evaluation.runner",
+    "summarize": "at2_lens.evaluation.runner",
+    "markdown_table": "at2_lens.evaluation.runner",
     "build_methods": "at2_lens.evaluation.methods",
     "squad_split": "at2_lens.evaluation.squad",
     "adversarial_attention": "at2_lens.evaluation.metrics",

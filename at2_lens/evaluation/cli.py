@@ -128,7 +128,7 @@ def _frame(rows: list[dict[str, Any]], attrs: dict[str, Any]) -> Any:
     """Rebuild the result frame of ``evaluate`` from gathered rows (same columns and dtypes)."""
     import pandas as pd
 
-    from at2_lens.evaluation.evaluate import COLUMNS
+    from at2_lens.evaluation.runner import COLUMNS
 
     df = pd.DataFrame(rows, columns=COLUMNS)
     df["k"] = df["k"].astype("Int64")
@@ -145,8 +145,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from at2_lens import load_model
     from at2_lens._io import atomic_write_text
     from at2_lens.distributed import DataParallel
-    from at2_lens.evaluation.evaluate import evaluate, markdown_table, resolve_metrics, summarize
     from at2_lens.evaluation.methods import build_methods
+    from at2_lens.evaluation.runner import evaluate, markdown_table, resolve_metrics, summarize
 
     metrics = resolve_metrics([m.strip() for m in args.metrics.split(",") if m.strip()])
     ks = _ints(args.ks, "--ks")
