@@ -29,6 +29,20 @@ def shared_data(*parts: str) -> Path:
     return path
 
 
+def sdpa_bert_bridge() -> object:
+    """TL 3.9's bridge over a tiny BERT with sdpa attention (hook_pattern never fires); skips on TL 4.x, whose bridge
+    switches the wrapped model to eager attention itself."""
+    if not HOOKED_AVAILABLE:
+        pytest.skip("TL 4.x switches the wrapped model to eager attention itself")
+    from at2_lens.models.hf import bridge_from_hf
+    from at2_lens.models.tiny import tiny_hf_model, tiny_tokenizer
+
+    tok = tiny_tokenizer("bert")
+    hf = tiny_hf_model("bert", tokenizer=tok)
+    hf.config._attn_implementation = "sdpa"
+    return bridge_from_hf(hf, tok, label="tiny-bert-sdpa")
+
+
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
     """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): on a shared 2-core

@@ -7,7 +7,7 @@ import torch
 
 from at2_lens.backends import Backend, get_backend, model_kind
 from at2_lens.errors import InputError, ModelNotSupportedError
-from tests.conftest import BACKENDS, HOOKED_AVAILABLE
+from tests.conftest import BACKENDS, HOOKED_AVAILABLE, sdpa_bert_bridge
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
@@ -35,15 +35,7 @@ def test_encoder_facts(tiny_bert_models: dict, backend_name: str) -> None:
 
 def test_bridge_with_sdpa_attention_is_refused_clearly() -> None:
     """A BERT bridge over an sdpa-attention model never fires hook_pattern on TL 3.9: nothing can work."""
-    if not HOOKED_AVAILABLE:
-        pytest.skip("TL 4.x switches the wrapped model to eager attention itself")
-    from at2_lens.models.hf import bridge_from_hf
-    from at2_lens.models.tiny import tiny_hf_model, tiny_tokenizer
-
-    tok = tiny_tokenizer("bert")
-    hf = tiny_hf_model("bert", tokenizer=tok)
-    hf.config._attn_implementation = "sdpa"
-    b = get_backend(bridge_from_hf(hf, tok, label="tiny-bert-sdpa"))
+    b = get_backend(sdpa_bert_bridge())
     assert not b.probe.pattern_readable
     with pytest.raises(ModelNotSupportedError, match="hook_pattern never fires"):
         _ = b.attention_access

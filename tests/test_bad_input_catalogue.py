@@ -53,7 +53,7 @@ from at2_lens.errors import (
     StoreError,
 )
 from at2_lens.evaluation.runner import evaluate
-from tests.conftest import HOOKED_AVAILABLE
+from tests.conftest import sdpa_bert_bridge
 
 CONTEXT = ["The Nile is the longest river. It flows north.", "The Amazon carries the most water."]
 QUERY = "Which river is longest?"
@@ -546,15 +546,7 @@ def test_gradient_baselines_need_no_attention_edits(model: Any) -> None:
 
 def test_sdpa_bert_bridge_is_refused() -> None:
     """A real case: TL 3.9's bridge over an sdpa-attention BERT never fires hook_pattern."""
-    if not HOOKED_AVAILABLE:
-        pytest.skip("TL 4.x switches the wrapped model to eager attention itself")
-    from at2_lens.models.hf import bridge_from_hf
-    from at2_lens.models.tiny import tiny_hf_model, tiny_tokenizer
-
-    tok = tiny_tokenizer("bert")
-    hf = tiny_hf_model("bert", tokenizer=tok)
-    hf.config._attn_implementation = "sdpa"
-    bridge = primed(bridge_from_hf(hf, tok, label="tiny-bert-sdpa"))
+    bridge = primed(sdpa_bert_bridge())
     fails_before_work(ModelNotSupportedError, "hook_pattern never fires", AttentionAttribution, bridge)
 
 
