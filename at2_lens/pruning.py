@@ -17,6 +17,7 @@ from torch import Tensor
 from at2_lens.errors import InputError
 from at2_lens.results import SourceAttribution
 from at2_lens.tasks import ContextTask, TokenizedTask
+from at2_lens.tasks.spans import cut_spans
 
 
 def top_k_mask(scores: Float[Tensor, " n_sources"], k: int) -> Bool[Tensor, " n_sources"]:
@@ -37,13 +38,7 @@ def pruned_context(task: TokenizedTask, keep: Bool[Tensor, " n_sources"]) -> str
     """``task.context`` with the characters of every source not in ``keep`` cut out (text between sources stays)."""
     if keep.shape != (task.n_sources,):
         raise InputError(f"keep: expected {task.n_sources} entries (one per source), got {tuple(keep.shape)}")
-    pieces, pos = [], 0
-    for kept, (a, b) in zip(keep.tolist(), task.source_spans, strict=True):
-        if not kept:
-            pieces.append(task.context[pos:a])
-            pos = b
-    pieces.append(task.context[pos:])
-    return "".join(pieces)
+    return cut_spans(task.context, task.source_spans, keep.tolist())
 
 
 def prune_context(task: ContextTask, result: SourceAttribution, k: int) -> ContextTask:

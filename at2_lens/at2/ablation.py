@@ -117,6 +117,7 @@ def removal_builder(tokenizer: Any, task: Any) -> Callable[[Tensor], tuple[Tenso
     response's exact token ids are appended, so the target tokens are unchanged.
     """
     from at2_lens.tasks import encode_with_offsets
+    from at2_lens.tasks.spans import cut_spans
 
     if task.response is None or task.target_token_range is None:
         raise InputError("task: remove-mode ablation needs a tokenized task with a response")
@@ -127,13 +128,8 @@ def removal_builder(tokenizer: Any, task: Any) -> Callable[[Tensor], tuple[Tenso
     def build(keep: Tensor) -> tuple[Tensor, Span]:
         if keep.shape != (len(spans),):
             raise InputError(f"keep: expected {len(spans)} entries (one per source), got {tuple(keep.shape)}")
-        pieces, pos = [], 0
-        for kept, (a, b) in zip(keep.tolist(), spans, strict=True):
-            if not kept:
-                pieces.append(task.prompt[pos:a])
-                pos = b
-        pieces.append(task.prompt[pos:])
-        ids, _ = encode_with_offsets(tokenizer, "".join(pieces), add_special_tokens=not task.chat)
+        text = cut_spans(task.prompt, spans, keep.tolist())
+        ids, _ = encode_with_offsets(tokenizer, text, add_special_tokens=not task.chat)
         n = len(ids)
         return torch.cat([torch.tensor(ids, dtype=torch.long), response_ids]), (n + t0, n + t1)
 

@@ -22,6 +22,18 @@ from at2_lens.errors import InputError
 from at2_lens.tasks.sources import Span, _preview
 
 
+def cut_spans(text: str, spans: Sequence[Span], keep: Sequence[bool]) -> str:
+    """``text`` with the characters of every span whose ``keep`` entry is false cut out (spans disjoint, in order);
+    the text between spans stays. What ``remove``-mode ablation and context pruning feed the model."""
+    pieces, pos = [], 0
+    for kept, (a, b) in zip(keep, spans, strict=True):
+        if not kept:
+            pieces.append(text[pos:a])
+            pos = b
+    pieces.append(text[pos:])
+    return "".join(pieces)
+
+
 def encode_with_offsets(tokenizer: Any, text: str, *, add_special_tokens: bool) -> tuple[list[int], list[Span]]:
     """Token ids and character offsets of ``text`` (needs a Hugging Face *fast* tokenizer)."""
     try:
