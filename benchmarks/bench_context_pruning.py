@@ -31,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
-from at2_lens._io import atomic_write_text  # noqa: E402
 from at2_lens.at2.attribution import AT2Attribution, prepare_task  # noqa: E402
 from at2_lens.backends import get_backend  # noqa: E402
 from at2_lens.baselines import AverageAttention  # noqa: E402
@@ -39,6 +38,7 @@ from at2_lens.baselines._common import ablation_fn  # noqa: E402
 from at2_lens.evaluation.squad import squad_split_records  # noqa: E402
 from at2_lens.pruning import prune_context, top_k_mask  # noqa: E402
 from at2_lens.tasks import ContextTask  # noqa: E402
+from benchmarks._resume import load_partial, save_partial  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad_v2" / "dev_subset.json"
 COLUMNS = ["task", "n_sources", "k", "method", "delta_log_prob", "full_log_prob", "reanswer_has_gold",
@@ -65,7 +65,9 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="only the first N held-out paragraphs")
     ap.add_argument("--max-new-tokens", type=int, default=32, help="answer length budget (default 32)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random-k baseline (default 0)")
-    ap.add_argument("--out", default=None, help="per-task CSV, rewritten atomically after each task; resumes")
+    ap.add_argument("--out", default=None,
+                    help="per-task CSV (+ .json of its settings), rewritten atomically after each task; resumes "
+                         "under the same settings")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     args = ap.parse_args()
     if args.threads > 0:
@@ -82,9 +84,11 @@ def main() -> None:
     methods = {"at2": AT2Attribution(model, estimator=estimator), "avg_attention": AverageAttention(model)}
     _, held = squad_split_records(args.data)
     held = held[: args.limit] if args.limit is not None else held
-    done = pd.read_csv(args.out) if args.out and Path(args.out).is_file() else pd.DataFrame(columns=COLUMNS)
-    finished = set(done["task"].tolist())
-    rows: list[dict] = done.to_dict("records")
+    settings = {"data": Path(args.data).name, "estimator": args.estimator, "ks": ks, "reanswer_k": args.reanswer_k,
+                "max_new_tokens": args.max_new_tokens, "seed": args.seed}
+    done, _ = load_partial(args.out, settings)
+    rows: list[dict] = [] if done is None else done.to_dict("records")
+    finished = {r["task"] for r in rows}
     for ti, rec in enumerate(held):
         if ti in finished:
             continue
@@ -115,8 +119,7 @@ def main() -> None:
                 rows.append({"task": ti, "n_sources": n, "k": k, "method": name, "delta_log_prob": v - full,
                              "full_log_prob": full, "reanswer_has_gold": re_has, "full_answer_has_gold": full_has})
         if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(Path(args.out), pd.DataFrame(rows, columns=COLUMNS).to_csv(index=False))
+            save_partial(args.out, pd.DataFrame(rows, columns=COLUMNS), settings)
     df = pd.DataFrame(rows, columns=COLUMNS)
     print(report(df, n_held=len(held)))
 

@@ -21,7 +21,6 @@ One torch thread by default (--threads), which made timings stable on a shared C
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import warnings
@@ -34,10 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
-from at2_lens._io import atomic_write_text  # noqa: E402
 from at2_lens.evaluation.methods import build_methods  # noqa: E402
 from at2_lens.evaluation.runner import evaluate, markdown_table, resolve_metrics, summarize  # noqa: E402
 from at2_lens.evaluation.squad import HELD_OUT_MODULUS, squad_split  # noqa: E402
+from benchmarks._resume import load_partial, save_partial  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad_v2" / "dev_subset.json"
 SMALL = {
@@ -106,8 +105,13 @@ def main() -> None:
                 "n_eval_masks": n_masks, "ks": list(cfg["ks"]), "mode": args.mode, "seed": args.seed,
                 "max_new_tokens": cfg["max_new_tokens"], "n_permutations": cfg["n_permutations"],
                 "adversarial": adversarial, "estimator": args.estimator}
-    done, gt_passes = _load_partial(args.out, settings)
-    finished = set(done["task"]) if not done.empty else set()
+    done, meta = load_partial(args.out, settings)
+    if done is None:
+        done = pd.DataFrame(columns=["task"])
+    else:
+        done["k"] = done["k"].astype("Int64")
+    gt_passes = int(meta.get("ground_truth_forward_passes", 0))
+    finished = set(done["task"])
     for ti, task in enumerate(tasks):
         if args.table_only or ti in finished:
             continue
@@ -118,7 +122,7 @@ def main() -> None:
         done = part if done.empty else pd.concat([done, part], ignore_index=True)
         gt_passes += int(part.attrs["ground_truth_forward_passes"])
         if args.out:
-            _save_partial(args.out, done, settings, gt_passes)
+            save_partial(args.out, done, settings, ground_truth_forward_passes=gt_passes)
     if done.empty:
         raise SystemExit("no finished task to report")
     df = done
@@ -137,28 +141,6 @@ def main() -> None:
     print(markdown_table(summarize(df)))
     if args.out:
         print(f"\nper-task results: {Path(args.out).resolve()}")
-
-
-def _load_partial(out: str | None, settings: dict) -> tuple[pd.DataFrame, int]:
-    """Rows of the tasks finished by an earlier run with the same settings (empty when none)."""
-    if not out or not Path(out).is_file():
-        return pd.DataFrame(columns=["task"]), 0
-    meta_path = Path(out).with_suffix(".json")
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    if meta.get("settings") != json.loads(json.dumps(settings)):
-        raise SystemExit(f"{out} was written with other settings ({meta_path}); use another --out")
-    df = pd.read_csv(out)
-    df["k"] = df["k"].astype("Int64")
-    print(f"resuming: {df['task'].nunique()} finished tasks read from {out}", file=sys.stderr)
-    return df, int(meta.get("ground_truth_forward_passes", 0))
-
-
-def _save_partial(out: str, df: pd.DataFrame, settings: dict, gt_passes: int) -> None:
-    """Write the rows and their settings atomically: an interrupted run never leaves a half-written CSV."""
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(Path(out), df.to_csv(index=False))
-    atomic_write_text(Path(out).with_suffix(".json"), json.dumps(
-        {"settings": settings, "ground_truth_forward_passes": gt_passes}, indent=1))
 
 
 if __name__ == "__main__":
