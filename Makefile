@@ -51,8 +51,11 @@ bench-small: .venv/.ready
 # The notebooks, executed top to bottom on the real models (a failing cell fails the target); they need
 # ../shared/data. One torch thread: on a shared 2-core machine two threads spin-wait on each other.
 # To refresh their saved outputs: add --overwrite.
+SHARED_DATA ?= ../shared/data
 notebooks: .venv/.ready
-	OMP_NUM_THREADS=1 .venv/bin/python -m pytest --nbmake notebooks/ --nbmake-timeout=900 -p no:cacheprovider
+	@if [ -d $(SHARED_DATA) ]; then \
+	OMP_NUM_THREADS=1 .venv/bin/python -m pytest --nbmake notebooks/ --nbmake-timeout=900 -p no:cacheprovider; \
+	else echo "notebooks: skipped, $(SHARED_DATA) is absent (the notebooks read SST-2 and SQuAD from it)"; fi
 
 test-tl3: .venv-tl3/.ready
 	@echo "== TransformerLens 3.9 =="
