@@ -14,18 +14,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from at2_lens._cli_args import add_model_args
 from at2_lens.errors import At2LensError
 
 DEFAULT_REPORT = "at2_lens_report.html"
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2",
-                   help="'smollm2' or 'minilm' (embedded, offline), a Hugging Face model id, or a local model "
-                        "directory (default: smollm2)")
-    p.add_argument("--backend", default="auto", choices=["auto", "hooked", "bridge"],
-                   help="TransformerLens class: 'hooked' = HookedTransformer (TL 3.9 only), 'bridge' = "
-                        "TransformerBridge, 'auto' = hooked where available (default: auto)")
+    add_model_args(p, default="smollm2", hooked_class="HookedTransformer",
+                   model_help="'smollm2' or 'minilm' (embedded, offline), a Hugging Face model id, or a local model "
+                              "directory")
 
 
 def _add_attribution_args(p: argparse.ArgumentParser) -> None:

@@ -21,21 +21,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+from at2_lens._cli_args import add_model_args
 from at2_lens.errors import InputError
 
 _DEFAULT_METHODS = "attattr,attention,taylor,random"
 
 
 def _add_classifier_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="minilm",
-                   help="'minilm' (embedded all-MiniLM-L6-v2, offline) or a local BERT-type model directory "
-                        "(default: minilm)")
+    add_model_args(p, default="minilm", hooked_class="HookedEncoder",
+                   model_help="'minilm' (embedded all-MiniLM-L6-v2, offline) or a local BERT-type model directory")
     p.add_argument("--head", default=None,
                    help="classifier head file (.safetensors from write_head); default: the shipped SST-2 head "
                         "for minilm (required for any other model)")
-    p.add_argument("--backend", default="auto", choices=["auto", "hooked", "bridge"],
-                   help="TransformerLens class: 'hooked' = HookedEncoder (TL 3.9 only), 'bridge' = "
-                        "TransformerBridge, 'auto' = hooked where available (default: auto)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
 
 

@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from at2_lens._cli_args import add_model_args
 from at2_lens.errors import InputError
 
 _DEFAULT_METHODS = "at2,avg_attention,loo,contextcite32,gradxinput"
@@ -31,12 +32,8 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
         epilog=f"methods:\n{methods}\n\nmetrics (aliases: topk_drop, kendall, attention_checks, all):\n{metrics}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", default="smollm2",
-                   help="'smollm2' (embedded, offline), a Hugging Face model id or a local model directory "
-                        "(default: smollm2)")
-    p.add_argument("--backend", default="auto", choices=["auto", "hooked", "bridge"],
-                   help="TransformerLens class: 'hooked' = HookedTransformer (TL 3.9 only), 'bridge' = "
-                        "TransformerBridge, 'auto' = hooked where available (default: auto)")
+    add_model_args(p, default="smollm2", hooked_class="HookedTransformer",
+                   model_help="'smollm2' (embedded, offline), a Hugging Face model id or a local model directory")
     p.add_argument("--tasks", required=True,
                    help="'squad:PATH' for a SQuAD-format JSON file (one task per paragraph, the model's own answer "
                         "as target), or a .jsonl file with {'context', 'query', ['response']} per line")
