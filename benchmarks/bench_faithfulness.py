@@ -5,6 +5,8 @@ ablations (LDS, top-k drop, Kendall tau vs leave-one-out and gradient x input, a
     python benchmarks/bench_faithfulness.py                          # full held-out split, by hand (hours on CPU)
     python benchmarks/bench_faithfulness.py --estimator smollm2.safetensors   # include a trained AT2 estimator
     python benchmarks/bench_faithfulness.py --out runs/faith.csv               # resumable: finished tasks are kept
+    python benchmarks/bench_faithfulness.py --out runs/b.csv --tasks 20:31     # a second process on other tasks ...
+    python benchmarks/bench_faithfulness.py --out runs/faith.csv --merge runs/b.csv   # ... folded in afterwards
 
 Tasks: ../shared/data/squad_v2/dev_subset.json (or --data), one per paragraph: the paragraph is the context (split
 into sentences = sources), its first answerable question the query, SmolLM2's own greedy answer the target.
@@ -70,11 +72,20 @@ def main() -> None:
     ap.add_argument("--out", default=None,
                     help="tidy per-task results CSV, rewritten atomically after every task; when it exists, the "
                          "tasks it holds are kept and the run resumes with the next one (same settings required)")
+    ap.add_argument("--tasks", default=None, metavar="START:STOP",
+                    help="run only the held-out tasks with these indices (Python slice, e.g. 20:31), so that "
+                         "several processes can share the run, each with its own --out")
+    ap.add_argument("--merge", action="append", default=[], metavar="CSV",
+                    help="fold the finished tasks of another results CSV, written with the same settings (e.g. by a "
+                         "second process with --tasks), into --out before running; repeatable")
     ap.add_argument("--table-only", action="store_true", help="print the table of an existing --out CSV and stop")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: on a shared 2-core machine two threads spin-wait on each "
                          "other and a forward pass became ~15x slower and erratic; 0 = torch's own choice)")
     args = ap.parse_args()
+    task_slice = _parse_task_range(args.tasks)
+    if args.merge and not args.out:
+        raise SystemExit("--merge needs --out (the file the merged results are written to)")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     cfg = dict(SMALL if args.small else FULL)
@@ -111,9 +122,26 @@ def main() -> None:
     else:
         done["k"] = done["k"].astype("Int64")
     gt_passes = int(meta.get("ground_truth_forward_passes", 0))
+    for other in args.merge:
+        if not Path(other).is_file():
+            raise SystemExit(f"--merge: {other} does not exist")
+        extra, extra_meta = load_partial(other, settings)
+        assert extra is not None
+        both = sorted(set(extra["task"]) & set(done["task"]))
+        if both:
+            raise SystemExit(f"--merge: tasks {both} are finished in both {args.out} and {other}; merge files with "
+                             "disjoint tasks (--tasks gives each process its own)")
+        extra["k"] = extra["k"].astype("Int64")
+        done = extra if done.empty else pd.concat([done, extra], ignore_index=True)
+        gt_passes += int(extra_meta.get("ground_truth_forward_passes", 0))
+        print(f"merged {extra['task'].nunique()} tasks from {other}", file=sys.stderr)
+    if args.merge:
+        done = done.sort_values(["task"], kind="stable").reset_index(drop=True)
+        save_partial(args.out, done, settings, ground_truth_forward_passes=gt_passes)
     finished = set(done["task"])
+    selected = set(range(len(tasks))[task_slice])
     for ti, task in enumerate(tasks):
-        if args.table_only or ti in finished:
+        if args.table_only or ti in finished or ti not in selected:
             continue
         torch.manual_seed(ti)
         part = evaluate(methods, [task], metrics, model=model, n_eval_masks=n_masks, ks=cfg["ks"], mode=args.mode,
@@ -141,6 +169,20 @@ def main() -> None:
     print(markdown_table(summarize(df)))
     if args.out:
         print(f"\nper-task results: {Path(args.out).resolve()}")
+
+
+def _parse_task_range(text: str | None) -> slice:
+    """``"A:B"`` (either side may be empty) as a slice of held-out task indices; None means all tasks."""
+    if text is None:
+        return slice(None)
+    parts = text.split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        start, stop = (int(x) if x.strip() else None for x in parts)
+    except ValueError:
+        raise SystemExit(f"--tasks: expected START:STOP (e.g. 20:31), got {text!r}") from None
+    return slice(start, stop)
 
 
 if __name__ == "__main__":

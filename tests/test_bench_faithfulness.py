@@ -1,0 +1,86 @@
+"""The faithfulness benchmark script's resumable, shareable runs: ``--tasks`` splits the held-out tasks between
+processes and ``--merge`` folds their results into one file that equals a single-process run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from at2_lens.evaluation.squad import is_held_out
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "bench_faithfulness.py"
+CHEAP = ["--model", "tiny", "--small", "--methods", "avg_attention,loo", "--metrics", "lds,kendall_loo",
+         "--n-eval-masks", "4"]
+
+
+def _squad_file(tmp_path: Path, n_held_out: int = 3) -> Path:
+    """A SQuAD-format file with ``n_held_out`` held-out paragraphs (ids picked by the split's hash) and one train."""
+    paragraphs = []
+    i = 0
+    while sum(is_held_out(p["qas"][0]["id"]) for p in paragraphs) < n_held_out:
+        qid = f"q{i:04d}"
+        i += 1
+        if not is_held_out(qid) and any(not is_held_out(p["qas"][0]["id"]) for p in paragraphs):
+            continue
+        n = len(paragraphs)
+        context = (f"Paragraph {n} is about rivers. The river number {n} flows north. "
+                   f"It is {n + 3} miles long. Fish live in it.")
+        paragraphs.append({"context": context, "qas": [{"id": qid, "question": f"How long is river {n}?",
+                                                         "answers": [{"text": f"{n + 3} miles", "answer_start": 0}],
+                                                         "is_impossible": False}]})
+    path = tmp_path / "squad.json"
+    path.write_text(json.dumps({"version": "v2.0", "data": [{"title": "Rivers", "paragraphs": paragraphs}]}))
+    return path
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(SCRIPT), *CHEAP, *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+
+
+def test_two_processes_with_tasks_then_merge_equal_one_run(tmp_path: Path) -> None:
+    data = _squad_file(tmp_path)
+    one, a, b = tmp_path / "one.csv", tmp_path / "a.csv", tmp_path / "b.csv"
+    for out, extra in ((one, []), (a, ["--tasks", ":1"]), (b, ["--tasks", "1:"])):
+        proc = _run("--data", str(data), "--out", str(out), *extra)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert set(pd.read_csv(a)["task"]) == {0}
+    assert set(pd.read_csv(b)["task"]) == {1, 2}
+    merged = _run("--data", str(data), "--out", str(a), "--merge", str(b), "--table-only")
+    assert merged.returncode == 0, merged.stderr[-2000:]
+    got, want = pd.read_csv(a), pd.read_csv(one)
+    cols = ["method", "task", "metric", "k", "value", "n_sources", "forward_passes", "backward_passes"]
+    pd.testing.assert_frame_equal(got[cols], want[cols])  # time_ratio is a measured wall time, not compared
+    meta_a = json.loads(a.with_suffix(".json").read_text())
+    meta_one = json.loads(one.with_suffix(".json").read_text())
+    assert meta_a == meta_one
+    # merging again would count tasks twice: refused, and the file is left as it was
+    before = a.read_bytes()
+    again = _run("--data", str(data), "--out", str(a), "--merge", str(b), "--table-only")
+    assert again.returncode != 0 and "in both" in again.stderr
+    assert a.read_bytes() == before
+
+
+@pytest.mark.parametrize("bad", ["5", "a:b", "1:2:3"])
+def test_bad_task_range_is_refused_before_any_work(tmp_path: Path, bad: str) -> None:
+    # the data file does not exist: the range is checked first, before data or model are touched
+    proc = _run("--data", str(tmp_path / "absent.json"), "--tasks", bad)
+    assert proc.returncode != 0
+    assert "--tasks" in proc.stderr and "START:STOP" in proc.stderr and "absent" not in proc.stderr
+
+
+def test_merge_of_a_file_with_other_settings_is_refused(tmp_path: Path) -> None:
+    data = _squad_file(tmp_path, 2)
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    assert _run("--data", str(data), "--out", str(a), "--tasks", ":1").returncode == 0
+    assert _run("--data", str(data), "--out", str(b), "--tasks", "1:", "--seed", "1").returncode == 0
+    before = a.read_bytes()
+    proc = _run("--data", str(data), "--out", str(a), "--merge", str(b))
+    assert proc.returncode != 0 and "other settings" in proc.stderr
+    assert a.read_bytes() == before
