@@ -8,8 +8,13 @@ ablations (LDS, top-k drop, Kendall tau vs leave-one-out and gradient x input, a
     python benchmarks/bench_faithfulness.py --out runs/b.csv --tasks 20:31     # a second process on other tasks ...
     python benchmarks/bench_faithfulness.py --out runs/faith.csv --merge runs/b.csv   # ... folded in afterwards
 
-Tasks: ../shared/data/squad_v2/dev_subset.json (or --data), one per paragraph: the paragraph is the context (split
-into sentences = sources), its first answerable question the query, SmolLM2's own greedy answer the target.
+Tasks (--suite): ``squad`` (default), from ../shared/data/squad_v2/dev_subset.json (or --data), one per paragraph:
+the paragraph is the context (split into sentences = sources), its first answerable question the query, SmolLM2's
+own greedy answer the target. ``multidoc``: tasks the project generates from the same questions, the paragraph among
+two distractor snippets of other held-out articles (``multi_document_split``), evaluated with the methods and
+metrics that do not need hundreds of passes (MULTIDOC below: no ContextCite-256, IG or attention checks):
+
+    python benchmarks/bench_faithfulness.py --suite multidoc --out benchmarks/results/faithfulness_multidoc.csv
 Split (``at2_lens.evaluation.squad``): a paragraph is held out when int(sha256(question id), 16) % 5 == 0, else it
 is in the training split (for training an estimator, e.g. ``at2-lens collect`` on it; never evaluated here).
 
@@ -37,7 +42,7 @@ warnings.filterwarnings("ignore")
 
 from at2_lens.evaluation.methods import build_methods  # noqa: E402
 from at2_lens.evaluation.runner import evaluate, markdown_table, resolve_metrics, summarize  # noqa: E402
-from at2_lens.evaluation.squad import HELD_OUT_MODULUS, squad_split  # noqa: E402
+from at2_lens.evaluation.squad import HELD_OUT_MODULUS, multi_document_split, squad_split  # noqa: E402
 from benchmarks._resume import load_partial, save_partial  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad_v2" / "dev_subset.json"
@@ -54,11 +59,18 @@ FULL = {
                 "contextcite256", "gradxinput", "ig20"],
     "metrics": ["all"],
 }
+MULTIDOC = {
+    **FULL,
+    "methods": ["at2", "avg_attention", "last_layer_attention", "loo", "loo_remove", "contextcite32", "gradxinput"],
+    "metrics": ["lds", "topk_drop", "kendall_loo", "kendall_gradxinput"],
+}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="CI mode: 3 held-out tasks, 16 masks, cheap settings")
+    ap.add_argument("--suite", default="squad", choices=["squad", "multidoc"],
+                    help="held-out tasks: SQuAD paragraphs (default) or generated multi-document tasks")
     ap.add_argument("--model", default="smollm2", help="'smollm2' (default), 'tiny' (smoke run) or a model path")
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="SQuAD-format JSON file (default: ../shared/data)")
     ap.add_argument("--estimator", default=None,
@@ -88,7 +100,7 @@ def main() -> None:
         raise SystemExit("--merge needs --out (the file the merged results are written to)")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    cfg = dict(SMALL if args.small else FULL)
+    cfg = dict(SMALL if args.small else MULTIDOC if args.suite == "multidoc" else FULL)
     if not Path(args.data).is_file():
         raise SystemExit(f"data file {args.data} is absent (expected ../shared/data beside the checkout)")
     if args.model == "tiny":
@@ -108,7 +120,7 @@ def main() -> None:
     if adversarial.get("layers") is not None:
         n_layers = int(model.cfg.n_layers)
         adversarial["layers"] = [layer % n_layers for layer in adversarial["layers"]]
-    train, held = squad_split(args.data)
+    train, held = (multi_document_split if args.suite == "multidoc" else squad_split)(args.data)
     limit = args.limit if args.limit is not None else cfg["limit"]
     tasks = held[:limit] if limit is not None else held
     n_masks = args.n_eval_masks or cfg["n_eval_masks"]
@@ -116,6 +128,8 @@ def main() -> None:
                 "n_eval_masks": n_masks, "ks": list(cfg["ks"]), "mode": args.mode, "seed": args.seed,
                 "max_new_tokens": cfg["max_new_tokens"], "n_permutations": cfg["n_permutations"],
                 "adversarial": adversarial, "estimator": args.estimator}
+    if args.suite != "squad":  # recorded only when not the default, so that earlier squad result files still resume
+        settings["suite"] = args.suite
     done, meta = load_partial(args.out, settings)
     if done is None:
         done = pd.DataFrame(columns=["task"])
@@ -158,6 +172,9 @@ def main() -> None:
     print(f"model: {args.model}; data: {Path(args.data).name}; split: held out when sha256(question id) % "
           f"{HELD_OUT_MODULUS} == 0 -> {len(held)} held-out / {len(train)} train paragraphs; evaluated "
           f"{df['task'].nunique()} held-out tasks (sentences as sources, the model's greedy answer as target).")
+    if args.suite == "multidoc":
+        print("suite: multidoc - each held-out question over its paragraph among two distractor snippets of other "
+              "held-out articles (tasks generated by at2_lens.evaluation.squad.multi_document_split).")
     print(f"ground truth: {n_masks} held-out random {args.mode} ablations per task (keep prob 0.5), shared by all "
           f"methods: {gt_passes} forward passes in all. LDS output: logit-prob; "
           "top-k drop: log-prob (nats).")

@@ -20,22 +20,26 @@ CHEAP = ["--model", "tiny", "--small", "--methods", "avg_attention,loo", "--metr
 
 
 def _squad_file(tmp_path: Path, n_held_out: int = 3) -> Path:
-    """A SQuAD-format file with ``n_held_out`` held-out paragraphs (ids picked by the split's hash) and one train."""
-    paragraphs = []
+    """A SQuAD-format file with ``n_held_out`` held-out and two training paragraphs (ids picked by the split's
+    hash), spread over two articles so that multi-document tasks find distractors from another article."""
+    held: list[dict] = []
+    train: list[dict] = []
     i = 0
-    while sum(is_held_out(p["qas"][0]["id"]) for p in paragraphs) < n_held_out:
+    while len(held) < n_held_out or len(train) < 2:
         qid = f"q{i:04d}"
         i += 1
-        if not is_held_out(qid) and any(not is_held_out(p["qas"][0]["id"]) for p in paragraphs):
+        split = held if is_held_out(qid) else train
+        if split is train and len(train) >= 2:
             continue
-        n = len(paragraphs)
+        n = i
         context = (f"Paragraph {n} is about rivers. The river number {n} flows north. "
                    f"It is {n + 3} miles long. Fish live in it.")
-        paragraphs.append({"context": context, "qas": [{"id": qid, "question": f"How long is river {n}?",
-                                                         "answers": [{"text": f"{n + 3} miles", "answer_start": 0}],
-                                                         "is_impossible": False}]})
+        split.append({"context": context, "qas": [{"id": qid, "question": f"How long is river {n}?",
+                                                    "answers": [{"text": f"{n + 3} miles", "answer_start": 0}],
+                                                    "is_impossible": False}]})
+    articles = [{"title": title, "paragraphs": held[k::2] + train[k::2]} for k, title in enumerate(("Rivers", "Lakes"))]
     path = tmp_path / "squad.json"
-    path.write_text(json.dumps({"version": "v2.0", "data": [{"title": "Rivers", "paragraphs": paragraphs}]}))
+    path.write_text(json.dumps({"version": "v2.0", "data": articles}))
     return path
 
 
@@ -84,3 +88,17 @@ def test_merge_of_a_file_with_other_settings_is_refused(tmp_path: Path) -> None:
     proc = _run("--data", str(data), "--out", str(a), "--merge", str(b))
     assert proc.returncode != 0 and "other settings" in proc.stderr
     assert a.read_bytes() == before
+
+
+def test_multidoc_suite_runs_generated_tasks_and_keeps_its_own_results(tmp_path: Path) -> None:
+    data = _squad_file(tmp_path, 2)
+    out = tmp_path / "md.csv"
+    proc = _run("--data", str(data), "--out", str(out), "--suite", "multidoc", "--tasks", ":1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "suite: multidoc" in proc.stdout
+    rows = pd.read_csv(out)
+    assert set(rows["task"]) == {0} and rows["value"].notna().any()
+    assert json.loads(out.with_suffix(".json").read_text())["settings"]["suite"] == "multidoc"
+    # the same file cannot be resumed as the squad suite: the settings differ
+    again = _run("--data", str(data), "--out", str(out), "--tasks", "1:2")
+    assert again.returncode != 0 and "other settings" in again.stderr

@@ -51,3 +51,22 @@ def test_jsonl_tasks(tmp_path: Path) -> None:
     p.write_text(json.dumps({"query": "q"}) + "\n", encoding="utf-8")
     with pytest.raises(InputError, match="'context' and 'query'"):
         load_jsonl_tasks(p)
+
+
+def test_multi_document_split_keeps_the_split_and_covers_each_paragraph_once() -> None:
+    from at2_lens.evaluation.squad import multi_document_split, squad_split_records
+
+    path = shared_data("squad_v2", "dev_subset.json")
+    train_r, held_r = squad_split_records(path)
+    train, held = multi_document_split(path)
+    assert [t.query for t in held] == [r["question"] for r in held_r]  # each held-out question once, in order
+    assert [t.query for t in train] == [r["question"] for r in train_r]
+    held_paragraphs = {r["context"] for r in held_r}
+    for task, r in zip(held, held_r, strict=True):
+        assert r["context"] in task.context and len(task.context) >= 2
+        for doc in task.context:  # distractors are snippets of other held-out paragraphs only
+            assert any(doc in p for p in held_paragraphs)
+    for task in train:
+        assert not any(doc in p for doc in task.context for p in held_paragraphs)
+    assert [t.context for t in multi_document_split(path)[1]] == [t.context for t in held]
+    assert [t.context for t in multi_document_split(path, seed=1)[1]] != [t.context for t in held]

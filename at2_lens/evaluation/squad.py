@@ -1,5 +1,7 @@
 """The SQuAD context-attribution tasks of the faithfulness benchmark and their deterministic train / held-out split.
 
+Two suites share the split. ``squad_split``: one task per paragraph; ``multi_document_split``: the same questions
+with their paragraph among distractor snippets from other articles of the same split (tasks the project generates).
 One task per paragraph: the paragraph is the context (split into sentences), its first answerable question (in file
 order) is the query, and the model's own greedy answer becomes the target (the task has no response, so it is
 generated when the task is prepared). A paragraph is held out when ``int(sha256(question id), 16) % 5 == 0``
@@ -14,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from at2_lens.tasks import ContextTask
-from at2_lens.tasks.loaders import squad_records
+from at2_lens.tasks.loaders import multi_document_tasks, squad_records
 
 HELD_OUT_MODULUS = 5
 
@@ -50,3 +52,19 @@ def squad_split(
         return ContextTask(context=r["context"], query=r["question"], sources=sources)
 
     return [task(r) for r in train], [task(r) for r in held]
+
+
+def multi_document_split(
+    path: str | Path, *, n_distractors: int = 2, seed: int = 0, modulus: int = HELD_OUT_MODULUS
+) -> tuple[list[ContextTask], list[ContextTask]]:
+    """``(train, held_out)`` multi-document tasks: each paragraph's question (as in ``squad_split``, same order)
+    with its paragraph among ``n_distractors`` two-sentence snippets of other articles' paragraphs. Distractors come
+    from the same split, so no held-out text appears in a training task or the reverse. Deterministic in ``seed``."""
+    train, held = squad_split_records(path, modulus=modulus)
+
+    def build(records: list[dict[str, Any]]) -> list[ContextTask]:
+        if not records:
+            return []
+        return multi_document_tasks(records, len(records), n_distractors=n_distractors, seed=seed, cycle=True)
+
+    return build(train), build(held)

@@ -107,13 +107,21 @@ def squad_tasks(
 
 
 def multi_document_tasks(
-    records: list[dict[str, Any]], n: int, *, n_distractors: int = 2, distractor_sentences: int = 2, seed: int = 0,
+    records: list[dict[str, Any]],
+    n: int,
+    *,
+    n_distractors: int = 2,
+    distractor_sentences: int = 2,
+    seed: int = 0,
+    cycle: bool = False,
 ) -> list[ContextTask]:
     """Multi-document tasks: a question's own paragraph among distractor snippets from other articles.
 
     Each task's documents are the relevant paragraph and ``n_distractors`` snippets (the first
     ``distractor_sentences`` sentences of paragraphs from other articles), in a seeded random order; sources are
-    sentences, so only some sources are relevant. Deterministic in ``seed``.
+    sentences, so only some sources are relevant. The i-th task's question is a random record, or with
+    ``cycle=True`` record ``i % len(records)`` (every record once before any repeats: an evaluation set).
+    Deterministic in ``seed``.
     """
     from at2_lens.tasks.sources import split_sentences
 
@@ -128,8 +136,8 @@ def multi_document_tasks(
     if len(by_title) < 2:
         raise InputError("records: multi-document tasks need paragraphs from at least two articles")
     tasks = []
-    for _ in range(n):
-        r = records[rng.randrange(len(records))]
+    for i in range(n):
+        r = records[i % len(records)] if cycle else records[rng.randrange(len(records))]
         others = [t for t in by_title if t != r["title"]]
         docs = [r["context"]]
         for _ in range(n_distractors):
