@@ -45,7 +45,8 @@ test-tl4: .venv/.ready docs
 # The faithfulness benchmark at reduced size (the README table comes from the full run of the same script).
 SQUAD ?= ../shared/data/squad_v2/dev_subset.json
 bench-small: .venv/.ready
-	@if [ -f $(SQUAD) ]; then .venv/bin/python benchmarks/bench_faithfulness.py --small --limit 2 --data $(SQUAD); \
+	@if [ -f $(SQUAD) ]; then .venv/bin/python benchmarks/bench_faithfulness.py --small --limit 2 --data $(SQUAD) && \
+	  .venv/bin/python benchmarks/bench_faithfulness.py --small --suite multidoc --limit 1 --data $(SQUAD); \
 	else echo "bench-small: skipped, $(SQUAD) is absent (../shared/data beside the checkout)"; fi
 
 # The notebooks, executed top to bottom on the real models (a failing cell fails the target); they need
