@@ -168,7 +168,7 @@ def main() -> None:
     if done.empty:
         raise SystemExit("no finished task to report")
     df = done
-    print(f"# Faithfulness benchmark ({'small' if args.small else 'full'})\n")
+    print(f"# Faithfulness benchmark ({'small' if args.small else 'full'}, {args.suite} suite)\n")
     print(f"model: {args.model}; data: {Path(args.data).name}; split: held out when sha256(question id) % "
           f"{HELD_OUT_MODULUS} == 0 -> {len(held)} held-out / {len(train)} train paragraphs; evaluated "
           f"{df['task'].nunique()} held-out tasks (sentences as sources, the model's greedy answer as target).")
