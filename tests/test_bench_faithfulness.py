@@ -1,5 +1,6 @@
-"""The faithfulness benchmark script's resumable, shareable runs: ``--tasks`` splits the held-out tasks between
-processes and ``--merge`` folds their results into one file that equals a single-process run."""
+"""The faithfulness benchmark script: ``--tasks`` splits the held-out tasks between processes and ``--merge`` folds
+their results into one file that equals a single-process run; the multi-document suite; the README's tables are the
+script's output for the committed results."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pandas as pd
 import pytest
 
 from at2_lens.evaluation.squad import is_held_out
+from tests.conftest import shared_data
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_faithfulness.py"
@@ -102,3 +104,30 @@ def test_multidoc_suite_runs_generated_tasks_and_keeps_its_own_results(tmp_path:
     # the same file cannot be resumed as the squad suite: the settings differ
     again = _run("--data", str(data), "--out", str(out), "--tasks", "1:2")
     assert again.returncode != 0 and "other settings" in again.stderr
+
+
+def _markdown_table(text: str) -> list[str]:
+    """The lines of the first markdown table in ``text``, without indentation."""
+    lines = [line.strip() for line in text.splitlines()]
+    start = next(i for i, line in enumerate(lines) if line.startswith("| method |"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return lines[start:end]
+
+
+@pytest.mark.real
+@pytest.mark.parametrize(("suite", "csv", "marker"), [
+    ("squad", "faithfulness_full.csv", "faithfulness"),
+    ("multidoc", "faithfulness_multidoc.csv", "faithfulness-multidoc"),
+])
+def test_readme_tables_are_the_benchmark_output(suite: str, csv: str, marker: str) -> None:
+    """The README's faithfulness tables are what ``--table-only`` prints for the committed results, not hand-written."""
+    data = shared_data("squad_v2", "dev_subset.json")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = readme.split(f"<!-- {marker} -->", 1)[1].split(f"<!-- /{marker} -->", 1)[0]
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--suite", suite, "--data", str(data), "--table-only",
+                           "--out", str(ROOT / "benchmarks" / "results" / csv)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert _markdown_table(block) == _markdown_table(proc.stdout)
+    evaluated = proc.stdout.split("evaluated ", 1)[1].split(" held-out tasks", 1)[0]
+    assert f"{evaluated} held-out" in block or f"all {evaluated}" in block  # the prose states how many tasks
