@@ -15,6 +15,7 @@ two distractor snippets of other held-out articles (``multi_document_split``), e
 metrics that do not need hundreds of passes (MULTIDOC below: no ContextCite-256, IG or attention checks):
 
     python benchmarks/bench_faithfulness.py --suite multidoc --out benchmarks/results/faithfulness_multidoc.csv
+
 Split (``at2_lens.evaluation.squad``): a paragraph is held out when int(sha256(question id), 16) % 5 == 0, else it
 is in the training split (for training an estimator, e.g. ``at2-lens collect`` on it; never evaluated here).
 
@@ -98,6 +99,9 @@ def main() -> None:
     task_slice = _parse_task_range(args.tasks)
     if args.merge and not args.out:
         raise SystemExit("--merge needs --out (the file the merged results are written to)")
+    for other in args.merge:
+        if not Path(other).is_file():
+            raise SystemExit(f"--merge: {other} does not exist")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     cfg = dict(SMALL if args.small else MULTIDOC if args.suite == "multidoc" else FULL)
@@ -130,22 +134,21 @@ def main() -> None:
                 "adversarial": adversarial, "estimator": args.estimator}
     if args.suite != "squad":  # recorded only when not the default, so that earlier squad result files still resume
         settings["suite"] = args.suite
-    done, meta = load_partial(args.out, settings)
-    if done is None:
-        done = pd.DataFrame(columns=["task"])
-    else:
-        done["k"] = done["k"].astype("Int64")
+
+    def read_partial(path: str | None) -> tuple[pd.DataFrame, dict]:
+        df, meta = load_partial(path, settings)
+        if df is None:
+            return pd.DataFrame(columns=["task"]), meta
+        return df.assign(k=df["k"].astype("Int64")), meta
+
+    done, meta = read_partial(args.out)
     gt_passes = int(meta.get("ground_truth_forward_passes", 0))
     for other in args.merge:
-        if not Path(other).is_file():
-            raise SystemExit(f"--merge: {other} does not exist")
-        extra, extra_meta = load_partial(other, settings)
-        assert extra is not None
+        extra, extra_meta = read_partial(other)
         both = sorted(set(extra["task"]) & set(done["task"]))
         if both:
             raise SystemExit(f"--merge: tasks {both} are finished in both {args.out} and {other}; merge files with "
                              "disjoint tasks (--tasks gives each process its own)")
-        extra["k"] = extra["k"].astype("Int64")
         done = extra if done.empty else pd.concat([done, extra], ignore_index=True)
         gt_passes += int(extra_meta.get("ground_truth_forward_passes", 0))
         print(f"merged {extra['task'].nunique()} tasks from {other}", file=sys.stderr)

@@ -81,6 +81,15 @@ def test_bad_task_range_is_refused_before_any_work(tmp_path: Path, bad: str) -> 
     assert "--tasks" in proc.stderr and "START:STOP" in proc.stderr and "absent" not in proc.stderr
 
 
+def test_missing_merge_file_is_refused_before_any_work(tmp_path: Path) -> None:
+    # the data file does not exist either: the merge file is checked first, before data or model are touched
+    proc = _run("--data", str(tmp_path / "absent.json"), "--out", str(tmp_path / "a.csv"),
+                "--merge", str(tmp_path / "nope.csv"))
+    assert proc.returncode != 0
+    assert "--merge" in proc.stderr and "nope.csv" in proc.stderr and "absent" not in proc.stderr
+    assert not (tmp_path / "a.csv").exists()
+
+
 def test_merge_of_a_file_with_other_settings_is_refused(tmp_path: Path) -> None:
     data = _squad_file(tmp_path, 2)
     a, b = tmp_path / "a.csv", tmp_path / "b.csv"
