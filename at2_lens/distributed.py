@@ -2,13 +2,16 @@
 
 Launchers start one process per device and tell each its place through the environment (``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``). :class:`DataParallel` reads those variables; with a world of more
-than one process it joins a ``torch.distributed`` process group on the **gloo** backend, which is only used to
-synchronise (a barrier) and to gather small byte strings (JSON), never model tensors, so the same code runs on CPU
-processes and on GPUs. Without those variables it is a world of one and does nothing.
+than one process it connects to the launcher's key-value store (a ``torch.distributed`` ``TCPStore``, the one
+``init_process_group`` would rendezvous through). The processes only need to synchronise (a barrier) and to exchange
+small byte strings (JSON), never model tensors, so no process group is created: a gloo group's worker threads can
+still be releasing a finished collective's tensors when the interpreter shuts down, which aborts the process
+(``terminate called without an active exception``). The same code runs on CPU processes and on GPUs. Without the
+launcher's variables it is a world of one and does nothing.
 
 Task ``i`` belongs to rank ``i % world_size`` (the same rule as the ablation store's shards), so a data-parallel run
 does exactly the per-task work of a single process, split; the results are merged in task order and are identical.
-Objects travel as JSON bytes in uint8 tensors: nothing is pickled.
+Objects travel as JSON bytes: nothing is pickled.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ def _env_int(env: dict[str, str], name: str, default: int) -> int:
 class DataParallel:
     """This process's place in a data-parallel run, read from the launcher's environment; a context manager.
 
-    ``with DataParallel() as dp:`` joins the process group when ``WORLD_SIZE > 1`` (gloo) and leaves it on exit.
+    ``with DataParallel() as dp:`` connects to the launcher's store when ``WORLD_SIZE > 1``; on a normal exit rank 0
+    waits until the others are done with the store, which it may be hosting.
     ``dp.rank``, ``dp.world_size``, ``dp.local_rank``, ``dp.is_main``; ``dp.shard(n)`` the task indices of this
     rank; ``dp.compose(shard_index, shard_count)`` combines an explicit sharding with the process's rank;
     ``dp.device(choice)`` the device for this process (``cuda:LOCAL_RANK`` when CUDA is available);
@@ -48,7 +52,7 @@ class DataParallel:
 
     Args:
         env: the environment to read (default ``os.environ``).
-        timeout_s: how long collectives (barriers) wait for the other processes (default 24 h, so a fast shard
+        timeout_s: how long a barrier or gather waits for the other processes (default 24 h, so a fast shard
             can wait for a slow one at the end of a long collection).
     """
 
@@ -67,7 +71,9 @@ class DataParallel:
         if not isinstance(timeout_s, int | float) or isinstance(timeout_s, bool) or timeout_s <= 0:
             raise InputError(f"timeout_s: expected a positive number of seconds, got {timeout_s!r}")
         self.timeout_s = float(timeout_s)
-        self._joined = False
+        self._env = env
+        self._store: Any = None
+        self._generation = 0
 
     # --- lifecycle ----------------------------------------------------------------------------------------------
     @property
@@ -81,27 +87,44 @@ class DataParallel:
         return self.rank == 0
 
     def __enter__(self) -> DataParallel:
-        if self.is_distributed:
+        if self.is_distributed and self._store is None:
             import torch.distributed as dist
 
             if not dist.is_available():
                 raise InputError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
-            if not dist.is_initialized():
-                dist.init_process_group(
-                    "gloo", rank=self.rank, world_size=self.world_size,
-                    timeout=datetime.timedelta(seconds=self.timeout_s),
-                )
-                self._joined = True
+            addr = self._env.get("MASTER_ADDR", "").strip()
+            if not addr:
+                raise InputError("environment variable MASTER_ADDR: expected the launcher's store address "
+                                 "(torchrun and accelerate launch set it), got nothing")
+            port = _env_int(self._env, "MASTER_PORT", -1)
+            if not 0 < port < 2**16:
+                raise InputError(f"environment variable MASTER_PORT: expected a port in 1..65535, got "
+                                 f"{self._env.get('MASTER_PORT')!r}")
+            host = f"[{addr}]" if ":" in addr else addr  # an IPv6 address
+            url = f"tcp://{host}:{port}?rank={self.rank}&world_size={self.world_size}"
+            store, _, _ = next(dist.rendezvous(url, timeout=datetime.timedelta(seconds=self.timeout_s)))
+            # Keys are unique per launcher restart and per ``with`` block (every rank enters the same sequence of
+            # blocks): stale keys in a store that outlives a block never answer a later wait.
+            prefix = f"at2_lens/{self._env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+            session = store.add(f"{prefix}/sessions/{self.rank}", 1)
+            self._store = dist.PrefixStore(f"{prefix}/{session}", store)
+            self._generation = 0
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._joined:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-            self._joined = False
+        if self._store is not None:
+            try:
+                # Rank 0 may host the store (accelerate, a bare env:// launch): it leaves only after every other rank
+                # has made its last request. After a failure the launcher stops the others; nothing is awaited.
+                if exc_type is None and self.rank:
+                    self._store.set(f"exit/{self.rank}", b"")
+                elif exc_type is None:
+                    self._store.wait([f"exit/{r}" for r in range(1, self.world_size)],
+                                     datetime.timedelta(seconds=self.timeout_s))
+            finally:
+                self._store = None
 
     def __repr__(self) -> str:
         return f"DataParallel(rank={self.rank}, world_size={self.world_size}, local_rank={self.local_rank})"
@@ -153,29 +176,26 @@ class DataParallel:
     # --- collectives --------------------------------------------------------------------------------------------
     def barrier(self) -> None:
         """Wait until every process gets here (no-op for a world of one)."""
-        if self.is_distributed:
-            import torch.distributed as dist
-
-            dist.barrier()
+        self.gather_bytes(b"")
 
     def gather_bytes(self, data: bytes) -> list[bytes]:
-        """Every rank's ``data``, in rank order, on every rank (uint8 tensors over gloo; nothing pickled)."""
+        """Every rank's ``data``, in rank order, on every rank (through the launcher's store; nothing pickled)."""
         if not isinstance(data, bytes):
             raise InputError(f"data: expected bytes, got {type(data).__name__}")
         if not self.is_distributed:
             return [data]
-        import torch.distributed as dist
-
-        length = torch.tensor([len(data)], dtype=torch.int64)
-        lengths = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
-        dist.all_gather(lengths, length)
-        size = max(int(n.item()) for n in lengths)
-        buf = torch.zeros(max(size, 1), dtype=torch.uint8)
-        if data:
-            buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        bufs = [torch.zeros_like(buf) for _ in range(self.world_size)]
-        dist.all_gather(bufs, buf)
-        return [bytes(b[: int(n.item())].numpy().tobytes()) for b, n in zip(bufs, lengths, strict=True)]
+        if self._store is None:
+            raise InputError("DataParallel: use it as a context manager (`with DataParallel() as dp:`) before "
+                             "gathering or waiting in a world of more than one process")
+        self._generation += 1
+        keys = [f"{self._generation}/{r}" for r in range(self.world_size)]
+        self._store.set(keys[self.rank], data)
+        self._store.wait(keys, datetime.timedelta(seconds=self.timeout_s))
+        out = [bytes(self._store.get(k)) for k in keys]
+        if self._store.add(f"{self._generation}/read", 1) == self.world_size:  # the last reader frees the values
+            for k in keys:
+                self._store.delete_key(k)
+        return out
 
     def gather_json(self, obj: Any) -> list[Any]:
         """Every rank's JSON-able ``obj`` (floats round-trip exactly; NaN allowed), in rank order, on every rank."""

@@ -1,4 +1,4 @@
-"""Data-parallel ``at2-lens collect`` / ``evaluate`` under torchrun: 2 CPU processes (gloo) give the results of one."""
+"""Data-parallel ``at2-lens collect`` / ``evaluate`` under torchrun: 2 CPU processes give the results of one."""
 
 from __future__ import annotations
 
@@ -6,10 +6,13 @@ import contextlib
 import csv
 import json
 import os
+import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -119,7 +122,77 @@ def test_bad_arguments_are_clear_errors() -> None:
             dp.device("cuda")
 
 
-# --- two gloo processes under torchrun ----------------------------------------------------------------------------
+# --- the store protocol, two ranks as threads of this process (rank 0 hosts the TCPStore, as under accelerate) -----
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _two_ranks(body: Callable[[DataParallel], Any], port: int, sessions: int = 1) -> list[list[Any]]:
+    def run(rank: int) -> list[Any]:
+        env = {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port)}
+        out = []
+        for _ in range(sessions):
+            with DataParallel(env=env, timeout_s=60) as dp:
+                out.append(body(dp))
+        return out
+
+    with ThreadPoolExecutor(2) as pool:
+        return [f.result(timeout=120) for f in [pool.submit(run, r) for r in range(2)]]
+
+
+def test_gathers_keep_rank_order_and_never_mix_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)  # rank 0 hosts the store
+
+    def body(dp: DataParallel) -> list[Any]:
+        out = []
+        for step in range(5):
+            out.append(dp.gather_json({"rank": dp.rank, "step": step, "x": [0.1 * dp.rank, float("inf")][:step]}))
+            dp.barrier()
+        out.append(dp.gather_bytes(b"" if dp.rank else b"\x00\xff"))  # empty and binary payloads
+        return out
+
+    (rank0,), (rank1,) = _two_ranks(body, _free_port())
+    assert rank0 == rank1
+    for step, gathered in enumerate(rank0[:5]):
+        assert gathered == [{"rank": r, "step": step, "x": [0.1 * r, float("inf")][:step]} for r in range(2)]
+    assert rank0[5] == [b"\x00\xff", b""]
+
+
+def test_sessions_share_a_store_that_outlives_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.distributed as dist
+
+    port = _free_port()
+    agent = dist.TCPStore("127.0.0.1", port, 3, is_master=True, wait_for_workers=False)  # as torchrun's agent
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    calls = iter(range(100))
+
+    def body(dp: DataParallel) -> list[Any]:
+        return dp.gather_json([dp.rank, next(calls) if dp.rank == 0 else -1])
+
+    rank0, rank1 = _two_ranks(body, port, sessions=3)
+    assert rank0 == rank1
+    assert [[g[0] for g in session] for session in rank0] == [[0, 1]] * 3
+    assert [session[0][1] for session in rank0] == [0, 1, 2]  # each session got its own round, not a stale one
+    assert [agent.add(f"at2_lens/0/sessions/{r}", 0) for r in range(2)] == [3, 3]  # one key space per session
+
+
+def test_store_misconfiguration_is_a_clear_error_before_any_work() -> None:
+    env = {"RANK": "1", "WORLD_SIZE": "2"}
+    with pytest.raises(InputError, match="MASTER_ADDR"), DataParallel(env=env):
+        pass
+    with pytest.raises(InputError, match="MASTER_PORT"), DataParallel(env={**env, "MASTER_ADDR": "127.0.0.1",
+                                                                           "MASTER_PORT": "70000"}):
+        pass
+    with pytest.raises(InputError, match="context manager"):
+        DataParallel(env={**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}).barrier()
+
+
+# --- two processes under torchrun ----------------------------------------------------------------------------
 
 
 @pytest.mark.slow
