@@ -4,6 +4,7 @@ attribution of the model's own answer, re-ask, and see how the gold answer fares
     python benchmarks/bench_context_pruning.py                    # all 31 held-out paragraphs, ks 1,2,3 (CPU)
     python benchmarks/bench_context_pruning.py --limit 3 --ks 1   # smoke run
     python benchmarks/bench_context_pruning.py --out runs/pruning.csv   # resumable: finished tasks are kept
+                                                  # (under the same settings, the estimator's weights included)
 
 Per held-out paragraph (``at2_lens.evaluation.squad``; the estimator never saw these): SmolLM2 answers the question
 greedily over the whole paragraph; AT2 (the shipped estimator, or --estimator) and average attention score the
@@ -32,6 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
 from at2_lens.at2.attribution import AT2Attribution, prepare_task  # noqa: E402
+from at2_lens.at2.estimator import weights_sha256  # noqa: E402
 from at2_lens.backends import get_backend  # noqa: E402
 from at2_lens.baselines import AverageAttention  # noqa: E402
 from at2_lens.baselines._common import ablation_fn  # noqa: E402
@@ -84,8 +86,9 @@ def main() -> None:
     methods = {"at2": AT2Attribution(model, estimator=estimator), "avg_attention": AverageAttention(model)}
     _, held = squad_split_records(args.data)
     held = held[: args.limit] if args.limit is not None else held
-    settings = {"data": Path(args.data).name, "estimator": args.estimator, "ks": ks, "reanswer_k": args.reanswer_k,
-                "max_new_tokens": args.max_new_tokens, "seed": args.seed}
+    settings = {"data": Path(args.data).name, "estimator": args.estimator,
+                "estimator_sha256": weights_sha256(methods["at2"].estimator.weights), "ks": ks,
+                "reanswer_k": args.reanswer_k, "max_new_tokens": args.max_new_tokens, "seed": args.seed}
     done, _ = load_partial(args.out, settings)
     rows: list[dict] = [] if done is None else done.to_dict("records")
     finished = {r["task"] for r in rows}

@@ -7,6 +7,7 @@ ablations (LDS, top-k drop, Kendall tau vs leave-one-out and gradient x input, a
     python benchmarks/bench_faithfulness.py --out runs/faith.csv               # resumable: finished tasks are kept
     python benchmarks/bench_faithfulness.py --out runs/b.csv --tasks 20:31     # a second process on other tasks ...
     python benchmarks/bench_faithfulness.py --out runs/faith.csv --merge runs/b.csv   # ... folded in afterwards
+    python benchmarks/bench_faithfulness.py --out runs/faith.csv --rescore at2        # after retraining the estimator
 
 Tasks (--suite): ``squad`` (default), from ../shared/data/squad_v2/dev_subset.json (or --data), one per paragraph:
 the paragraph is the context (split into sentences = sources), its first answerable question the query, SmolLM2's
@@ -23,12 +24,16 @@ AT2 (method ``at2``) uses --estimator, else the estimator shipped for the model 
 ``at2_lens/estimators/smollm2-135m-instruct.safetensors``); a model with neither is represented by AT2's uniform-weight
 start, labelled ``at2_uniform`` (exactly average attention), never as AT2. Costs are printed as passes and as wall
 time divided by one forward pass over the same tokens measured in the same run, not as absolute seconds.
+The settings recorded with a results file include the sha256 of the AT2 estimator's weights, so rows of two
+estimators are never mixed; ``--rescore at2`` recomputes only AT2's rows of every finished task (the ground truth,
+the reference scores and the other methods' rows are the same for the same seed), resumably.
 One torch thread by default (--threads), which made timings stable on a shared CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import warnings
@@ -41,10 +46,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
+from at2_lens.at2.estimator import weights_sha256  # noqa: E402
+from at2_lens.evaluation._names import METHOD_INDEPENDENT_METRICS  # noqa: E402
 from at2_lens.evaluation.methods import build_methods  # noqa: E402
 from at2_lens.evaluation.runner import evaluate, markdown_table, resolve_metrics, summarize  # noqa: E402
 from at2_lens.evaluation.squad import HELD_OUT_MODULUS, multi_document_split, squad_split  # noqa: E402
-from benchmarks._resume import load_partial, save_partial  # noqa: E402
+from benchmarks._resume import load_partial, replace_method_rows, save_partial  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad_v2" / "dev_subset.json"
 SMALL = {
@@ -91,6 +98,9 @@ def main() -> None:
     ap.add_argument("--merge", action="append", default=[], metavar="CSV",
                     help="fold the finished tasks of another results CSV, written with the same settings (e.g. by a "
                          "second process with --tasks), into --out before running; repeatable")
+    ap.add_argument("--rescore", default=None, metavar="METHODS",
+                    help="comma-separated methods of an existing --out file to recompute for every finished task, "
+                         "keeping the other methods' rows (e.g. 'at2' after retraining its estimator); resumable")
     ap.add_argument("--table-only", action="store_true", help="print the table of an existing --out CSV and stop")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: on a shared 2-core machine two threads spin-wait on each "
@@ -99,6 +109,15 @@ def main() -> None:
     task_slice = _parse_task_range(args.tasks)
     if args.merge and not args.out:
         raise SystemExit("--merge needs --out (the file the merged results are written to)")
+    rescore = [m for m in args.rescore.split(",") if m] if args.rescore else []
+    if args.rescore is not None:
+        if not rescore:
+            raise SystemExit("--rescore: expected comma-separated method names, e.g. 'at2'")
+        if not args.out or not Path(args.out).is_file():
+            raise SystemExit(f"--rescore needs an existing --out results file, got {args.out!r}")
+        if args.merge or args.tasks or args.table_only:
+            raise SystemExit("--rescore re-scores every finished task of --out; it takes no --merge, --tasks or "
+                             "--table-only")
     for other in args.merge:
         if not Path(other).is_file():
             raise SystemExit(f"--merge: {other} does not exist")
@@ -107,6 +126,12 @@ def main() -> None:
     cfg = dict(SMALL if args.small else MULTIDOC if args.suite == "multidoc" else FULL)
     if not Path(args.data).is_file():
         raise SystemExit(f"data file {args.data} is absent (expected ../shared/data beside the checkout)")
+    names = args.methods.split(",") if args.methods else list(cfg["methods"])
+    if args.estimator:
+        names = ["at2", *[n for n in names if n != "at2"]]
+    if [m for m in rescore if m not in names]:
+        raise SystemExit(f"--rescore: {[m for m in rescore if m not in names]} are not among this run's methods "
+                         f"{names}")
     if args.model == "tiny":
         from at2_lens.models.tiny import load_tiny
 
@@ -115,9 +140,6 @@ def main() -> None:
         from at2_lens.models import load_model
 
         model = load_model(args.model)
-    names = args.methods.split(",") if args.methods else list(cfg["methods"])
-    if args.estimator:
-        names = ["at2", *[n for n in names if n != "at2"]]
     methods = build_methods(model, names, estimator=args.estimator, mode=args.mode, seed=args.seed)
     metrics = resolve_metrics(args.metrics.split(",") if args.metrics else cfg["metrics"])
     adversarial = dict(cfg["adversarial"])
@@ -134,9 +156,16 @@ def main() -> None:
                 "adversarial": adversarial, "estimator": args.estimator}
     if args.suite != "squad":  # recorded only when not the default, so that earlier squad result files still resume
         settings["suite"] = args.suite
+    if "at2" in methods:
+        settings["estimator_sha256"] = weights_sha256(methods["at2"].estimator.weights)
+    unknown = [m for m in rescore if m not in methods]
+    if unknown:  # e.g. 'at2' on a model without an estimator, which is labelled 'at2_uniform'
+        raise SystemExit(f"--rescore: {unknown} are not among this run's methods {list(methods)}")
+    # what re-scoring AT2 may change; any other setting must be the file's own
+    may_differ = ("estimator", "estimator_sha256") if "at2" in rescore else ()
 
     def read_partial(path: str | None) -> tuple[pd.DataFrame, dict]:
-        df, meta = load_partial(path, settings)
+        df, meta = load_partial(path, settings, may_differ=may_differ, rescoring=bool(rescore))
         if df is None:
             return pd.DataFrame(columns=["task"]), meta
         return df.assign(k=df["k"].astype("Int64")), meta
@@ -157,6 +186,10 @@ def main() -> None:
         save_partial(args.out, done, settings, ground_truth_forward_passes=gt_passes)
     finished = set(done["task"])
     selected = set(range(len(tasks))[task_slice])
+    if rescore:
+        done = _rescore(done, meta, rescore, methods, tasks, metrics, model, settings, gt_passes, n_masks, cfg, args,
+                        adversarial)
+        finished = set(range(len(tasks)))  # nothing new is evaluated in a re-scoring run
     for ti, task in enumerate(tasks):
         if args.table_only or ti in finished or ti not in selected:
             continue
@@ -189,6 +222,33 @@ def main() -> None:
     print(markdown_table(summarize(df)))
     if args.out:
         print(f"\nper-task results: {Path(args.out).resolve()}")
+
+
+def _rescore(done: pd.DataFrame, meta: dict, rescore: list[str], methods: dict, tasks: list, metrics: list[str],
+             model: object, settings: dict, gt_passes: int, n_masks: int, cfg: dict, args: argparse.Namespace,
+             adversarial: dict) -> pd.DataFrame:
+    """Recompute ``rescore``'s rows for every finished task of ``done``, saving after each task; a killed run
+    resumes from the ``rescore`` entry of the results' JSON."""
+    pending = meta.get("rescore") or {}
+    if pending and (pending.get("methods") != rescore or meta.get("settings") != json.loads(json.dumps(settings))):
+        raise SystemExit(f"{args.out} is being re-scored with {pending.get('methods')} under other settings; finish "
+                         "that first")
+    left = list(pending.get("tasks_left", sorted(int(t) for t in set(done["task"]))))
+    chosen = {name: methods[name] for name in rescore}
+    per_method = [m for m in metrics if m not in METHOD_INDEPENDENT_METRICS]  # the attention checks stay as they are
+    while left:
+        ti = left[0]
+        torch.manual_seed(ti)
+        part = evaluate(chosen, [tasks[ti]], per_method, model=model, n_eval_masks=n_masks, ks=cfg["ks"],
+                        mode=args.mode, seed=args.seed, max_new_tokens=cfg["max_new_tokens"],
+                        n_permutations=cfg["n_permutations"], adversarial=adversarial, task_ids=[ti], progress=True)
+        part = part[part["method"].isin(rescore)]
+        done = replace_method_rows(done, ti, part.assign(k=part["k"].astype("Int64")), rescore)
+        left = left[1:]
+        extra = {"rescore": {"methods": rescore, "tasks_left": left}} if left else {}
+        save_partial(args.out, done, settings, ground_truth_forward_passes=gt_passes, **extra)
+        print(f"re-scored {rescore} on task {ti}; {len(left)} left", file=sys.stderr)
+    return done
 
 
 def _parse_task_range(text: str | None) -> slice:

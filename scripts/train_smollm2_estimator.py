@@ -1,10 +1,13 @@
 """Train the AT2 estimator shipped for SmolLM2-135M-Instruct from the repo's collected store.
 
     python scripts/train_smollm2_estimator.py          # writes at2_lens/estimators/smollm2-135m-instruct.safetensors
+    python scripts/train_smollm2_estimator.py --learning-curve   # held-out LDS vs the number of training tasks
 
 Reads data/at2_smollm2/store (collected by scripts/collect_smollm2.py), holds out 20 % of the examples (seeded) for
 LDS, trains with non-negative head weights (unconstrained weights overfit this small store: held-out LDS barely moved
-from the uniform start) and records the settings and LDS in the file.
+from the uniform start) and records the settings and LDS in the file. ``--learning-curve`` writes nothing: it trains
+on random subsets (3 seeded draws per size, sizes halving from the whole training split) with the same settings and
+prints the mean LDS on the same held-out examples, to show how much more data would help.
 """
 
 from __future__ import annotations
@@ -18,6 +21,33 @@ sys.path.insert(0, str(ROOT))
 
 STORE = ROOT / "data" / "at2_smollm2" / "store"
 OUT = ROOT / "at2_lens" / "estimators" / "smollm2-135m-instruct.safetensors"
+SETTINGS = {"lr": 1e-3, "batch_size": 512, "non_negative": True, "progress": False}
+
+
+def learning_curve(examples: list, held_out: float, steps: int, draws: int = 3) -> None:
+    import numpy as np
+    import torch
+
+    from at2_lens.at2.training import split_held_out, train_estimator
+
+    train, held = split_held_out(examples, held_out, seed=0)
+    sizes = []
+    n = len(train)
+    while n >= 12:
+        sizes.append(n)
+        n //= 2
+    print(f"{len(train)} training / {len(held)} held-out examples; held-out LDS by training-set size "
+          f"(mean of {draws} draws; the whole split is one draw)")
+    print("| training tasks | held-out LDS |\n|---:|---:|")
+    for size in reversed(sizes):
+        runs = 1 if size == len(train) else draws
+        lds = []
+        for draw in range(runs):
+            pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(1000 + draw))[:size].tolist()
+            _, summary = train_estimator([train[i] for i in sorted(pick)], held_out=held, steps=steps, seed=0,
+                                         **SETTINGS)
+            lds.append(summary.lds_held_out)
+        print(f"| {size} | {np.mean(lds):.3f} |", flush=True)
 
 
 def main() -> None:
@@ -26,6 +56,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--held-out", type=float, default=0.2)
+    ap.add_argument("--learning-curve", action="store_true", help="print held-out LDS vs training-set size instead")
     args = ap.parse_args()
     import torch
 
@@ -35,8 +66,11 @@ def main() -> None:
 
     store = AblationStore(args.store)
     examples = store.load()
-    est, summary = train_estimator(examples, held_out=args.held_out, steps=args.steps, lr=1e-3, batch_size=512,
-                                   non_negative=True, seed=0, progress=False, settings=store.settings)
+    if args.learning_curve:
+        learning_curve(examples, args.held_out, args.steps)
+        return
+    est, summary = train_estimator(examples, held_out=args.held_out, steps=args.steps, seed=0,
+                                   settings=store.settings, **SETTINGS)
     est.save(args.out)
     print(f"{len(examples)} examples; held-out LDS {summary.lds_held_out_init:.4f} (uniform weights = average "
           f"attention) -> {summary.lds_held_out:.4f} (trained); train LDS {summary.lds_train_init:.4f} -> "

@@ -140,3 +140,83 @@ def test_readme_tables_are_the_benchmark_output(suite: str, csv: str, marker: st
     assert _markdown_table(block) == _markdown_table(proc.stdout)
     evaluated = proc.stdout.split("evaluated ", 1)[1].split(" held-out tasks", 1)[0]
     assert f"{evaluated} held-out" in block or f"all {evaluated}" in block  # the prose states how many tasks
+
+
+def _tiny_estimator(path: Path, head: int) -> Path:
+    """An estimator for the benchmark's tiny model (its fingerprint, so it loads) that reads one head only."""
+    import torch
+
+    from at2_lens.at2.estimator import LinearEstimator, model_fingerprint
+    from at2_lens.backends import get_backend
+    from at2_lens.models.tiny import load_tiny
+
+    backend = get_backend(load_tiny("llama"))
+    weights = torch.zeros(backend.n_layers * backend.n_heads)
+    weights[head] = 1.0
+    LinearEstimator(weights.reshape(backend.n_layers, backend.n_heads), granularity="sentence",
+                    model_fingerprint=model_fingerprint(backend)).save(path)
+    return path
+
+
+def test_rescore_replaces_only_at2_rows_and_equals_a_fresh_run(tmp_path: Path) -> None:
+    """After retraining, ``--rescore at2`` recomputes AT2's rows; the file then equals a run made with the new
+    estimator from scratch, the other methods' rows are untouched, and the settings name the new weights."""
+    data = _squad_file(tmp_path, 2)
+    est_a, est_b = _tiny_estimator(tmp_path / "a.safetensors", 0), _tiny_estimator(tmp_path / "b.safetensors", -1)
+    methods = ["--methods", "at2,avg_attention,loo"]
+    old, fresh = tmp_path / "old.csv", tmp_path / "fresh.csv"
+    assert _run("--data", str(data), "--out", str(old), *methods, "--estimator", str(est_a)).returncode == 0
+    assert _run("--data", str(data), "--out", str(fresh), *methods, "--estimator", str(est_b)).returncode == 0
+    before = pd.read_csv(old)
+    # a plain resume with another estimator is refused: its rows would be mixed with the old estimator's
+    mixed = _run("--data", str(data), "--out", str(old), *methods, "--estimator", str(est_b))
+    assert mixed.returncode != 0 and "other settings" in mixed.stderr
+    proc = _run("--data", str(data), "--out", str(old), *methods, "--estimator", str(est_b), "--rescore", "at2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got, want = pd.read_csv(old), pd.read_csv(fresh)
+    cols = ["method", "task", "metric", "k", "value", "n_sources", "forward_passes", "backward_passes"]
+    pd.testing.assert_frame_equal(got[cols], want[cols])
+    others = before["method"] != "at2"
+    pd.testing.assert_frame_equal(got[others].reset_index(drop=True), before[others].reset_index(drop=True))
+    assert "re-scored ['at2'] on task 1" in proc.stderr
+    at2 = before["method"] == "at2"
+    assert not got.loc[at2, "value"].reset_index(drop=True).equals(before.loc[at2, "value"].reset_index(drop=True))
+    meta = json.loads(old.with_suffix(".json").read_text())
+    assert meta["settings"] == json.loads(fresh.with_suffix(".json").read_text())["settings"]
+    assert "rescore" not in meta
+
+
+def test_unfinished_rescore_is_resumed_and_blocks_plain_runs(tmp_path: Path) -> None:
+    data = _squad_file(tmp_path, 2)
+    est = _tiny_estimator(tmp_path / "a.safetensors", 0)
+    out = tmp_path / "r.csv"
+    args = ["--data", str(data), "--out", str(out), "--methods", "at2,avg_attention", "--estimator", str(est)]
+    assert _run(*args).returncode == 0
+    meta_file = out.with_suffix(".json")
+    meta = json.loads(meta_file.read_text())
+    meta["rescore"] = {"methods": ["at2"], "tasks_left": [1]}  # as a re-scoring killed after task 0 leaves it
+    meta_file.write_text(json.dumps(meta))
+    before = out.read_bytes()
+    plain = _run(*args)
+    assert plain.returncode != 0 and "being re-scored" in plain.stderr and out.read_bytes() == before
+    resumed = _run(*args, "--rescore", "at2")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "re-scored ['at2'] on task 1" in resumed.stderr and "on task 0" not in resumed.stderr
+    assert "rescore" not in json.loads(meta_file.read_text())
+
+
+@pytest.mark.parametrize(("extra", "needle"), [
+    (["--rescore", "at2"], "existing --out"),
+    (["--rescore", ",", "--out", "OUT"], "method names"),
+    (["--rescore", "contextcite256", "--out", "OUT"], "not among"),
+    (["--rescore", "avg_attention", "--out", "OUT", "--tasks", "0:1"], "takes no"),
+])
+def test_bad_rescore_is_refused_before_the_model_loads(tmp_path: Path, extra: list[str], needle: str) -> None:
+    data = _squad_file(tmp_path, 1)
+    out = tmp_path / "x.csv"
+    assert _run("--data", str(data), "--out", str(out)).returncode == 0
+    before = out.read_bytes()
+    proc = _run("--data", str(data), *[str(out) if a == "OUT" else a for a in extra])
+    assert proc.returncode != 0 and needle in proc.stderr, proc.stderr[-1000:]
+    assert "--rescore" in proc.stderr and "Traceback" not in proc.stderr
+    assert out.read_bytes() == before

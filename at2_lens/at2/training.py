@@ -134,10 +134,11 @@ def _mean_lds(packed: _Packed, w: Tensor) -> float:
     return mean_ignoring_nan(scores)
 
 
-def _split_held_out(
+def split_held_out(
     examples: list[AblationExample], fraction: float, seed: int
 ) -> tuple[list[AblationExample], list[AblationExample]]:
-    """Deterministically split off ``fraction`` of the examples as a held-out set."""
+    """``(train, held_out)``: ``fraction`` of the examples split off deterministically (by ``seed``), the split
+    ``train_estimator(held_out=fraction, seed=seed)`` makes."""
     if not 0.0 < fraction < 1.0:
         raise InputError(f"held_out as a fraction must be in (0, 1), got {fraction}")
     n_ho = max(1, round(len(examples) * fraction))
@@ -191,7 +192,7 @@ def train_estimator(
     if num_threads is not None and num_threads < 1:
         raise InputError(f"num_threads must be >= 1 or None, got {num_threads}")
     if isinstance(held_out, float):
-        examples, held_out = _split_held_out(examples, held_out, seed)
+        examples, held_out = split_held_out(examples, held_out, seed)
     previous_threads = torch.get_num_threads()
     if num_threads is not None:
         torch.set_num_threads(num_threads)

@@ -16,10 +16,12 @@ METRICS: tuple[str, ...] = (
 """Metric names ``evaluate`` understands (see ``METRIC_HELP``)."""
 
 DEFAULT_METRICS: tuple[str, ...] = ("lds", "topk_drop_mask", "topk_drop_remove", "kendall_loo", "kendall_gradxinput")
+METHOD_INDEPENDENT_METRICS: tuple[str, ...] = ("attn_permutation", "attn_adversarial")
+"""Metrics whose rows belong to the task, not to a method (the counterfactual-attention checks)."""
 ALIASES: dict[str, tuple[str, ...]] = {
     "topk_drop": ("topk_drop_mask", "topk_drop_remove"),
     "kendall": ("kendall_loo", "kendall_gradxinput", "kendall_topk_loo", "kendall_topk_gradxinput"),
-    "attention_checks": ("attn_permutation", "attn_adversarial"),
+    "attention_checks": METHOD_INDEPENDENT_METRICS,
     "all": METRICS,
 }
 METRIC_HELP: dict[str, str] = {
