@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Sequence
 from functools import cached_property
 from typing import Any, Literal
@@ -74,6 +75,7 @@ class Backend:
         self.d_vocab: int = int(cfg.d_vocab)
         self.n_ctx: int = int(cfg.n_ctx)
         self._active_mask: Tensor | None = None
+        self._cached_generation_broken = False  # set when KV-cached decoding proved wrong (generate_greedy)
 
     # ----------------------------------------------------------------------------------------------- identity
     @property
@@ -261,7 +263,14 @@ class Backend:
     # ---------------------------------------------------------------------------------------------- generation
     @torch.no_grad()
     def generate_greedy(self, input_ids: Int[Tensor, " pos"], max_new_tokens: int = 64) -> Int[Tensor, " new"]:
-        """Greedy continuation of a 1-D prompt; returns only the new token ids (EOS excluded)."""
+        """Greedy continuation of a 1-D prompt; returns only the new token ids (EOS excluded).
+
+        Generation uses the KV cache, and its result is checked with one uncached forward pass over prompt and
+        continuation: every new token must be that pass's argmax. Some library combinations break cached decoding
+        (TransformerLens 4.3 bridges under transformers 5.24 continue " Paris" with "-------"); then the
+        continuation is generated again without the cache, with a warning, and this model skips the cache from then
+        on.
+        """
         if not self.is_causal:
             raise ModelNotSupportedError(f"{self.describe()} is an encoder: it cannot generate a response")
         if max_new_tokens < 1:
@@ -272,16 +281,30 @@ class Backend:
         if limit < 1:
             raise InputError(f"input_ids: the prompt ({ids.shape[1]} tokens) fills the context window ({self.n_ctx})")
         ids = ids.to(self.device)
+        if not self._cached_generation_broken:
+            new = self._generate(ids, limit, eos, use_cache=True)
+            if self._is_greedy_continuation(ids, new):
+                return new
+            self._cached_generation_broken = True
+            warnings.warn(
+                f"{self.describe()}: greedy decoding with the KV cache disagrees with an uncached forward pass (a "
+                "TransformerLens/transformers incompatibility); generating without the cache from now on (slower, "
+                "correct)", RuntimeWarning, stacklevel=2,
+            )
+        return self._generate(ids, limit, eos, use_cache=False)
+
+
+    def _generate(self, ids: Tensor, limit: int, eos: int | None, *, use_cache: bool) -> Tensor:
+        """``limit`` greedy tokens after ``ids`` [1, pos] (cut at the first EOS, which is dropped), on the CPU."""
         if self.kind == "bridge":
-            hf = self.model.original_model
-            out = hf.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=limit, do_sample=False,
+            out = self.model.original_model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=limit, do_sample=False, use_cache=use_cache,
                 eos_token_id=eos, pad_token_id=eos if eos is not None else 0,
             )
         else:
             out = self.model.generate(
                 ids, max_new_tokens=limit, do_sample=False, stop_at_eos=eos is not None, eos_token_id=eos,
-                verbose=False, return_type="tokens", use_past_kv_cache=True,
+                verbose=False, return_type="tokens", use_past_kv_cache=use_cache,
             )
         new = out[0, ids.shape[1]:].cpu()
         if eos is not None:
@@ -289,6 +312,16 @@ class Backend:
             if len(stop):
                 new = new[: int(stop[0, 0])]
         return new
+
+    def _is_greedy_continuation(self, ids: Tensor, new: Tensor) -> bool:
+        """Whether each token of ``new`` is the argmax of one uncached forward pass over ``ids`` + ``new``."""
+        if len(new) < 2:  # the first new token comes from the prompt's own pass, which the cache does not touch
+            return True
+        full = torch.cat([ids, new[None].to(ids.device)], dim=1)
+        logits = self.run(full)
+        p = ids.shape[1]
+        predicted = logits[0, p - 1 : p - 1 + len(new)].argmax(dim=-1).cpu()
+        return bool((predicted == new).all())
 
 
 _CACHE_ATTR = "_at2_lens_backends"
