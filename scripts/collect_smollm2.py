@@ -5,7 +5,9 @@
 
 Tasks, in a fixed interleaved order so that a larger --limit resumes a smaller one: the SQuAD 2.0 training-split
 paragraphs (see ``at2_lens.evaluation.squad``; the held-out split is never used here) with their first question, and
-generated multi-document tasks (a training-split paragraph among distractor snippets from other articles). Sources are
+generated multi-document tasks (a training-split paragraph among distractor snippets from other articles); then, from
+task 292 on (v2), the same paragraphs with their second answerable question, and 150 more multi-document tasks
+(seed 1). The first 292 tasks are those of v1, so a store collected under v1 is a prefix of v2. Sources are
 sentences (the granularity the demo attributes at); ablations mask sources' keys at every layer (positions kept).
 The model's own greedy response (<= 32 new tokens) is the target; the output is its logit-probability.
 """
@@ -26,24 +28,35 @@ warnings.filterwarnings("ignore")
 SQUAD = ROOT.parent / "shared" / "data" / "squad_v2" / "dev_subset.json"
 STORE = ROOT / "data" / "at2_smollm2" / "store"
 N_MULTI = 150
+TASKS_V1 = "squad_v2 dev_subset train split + multi-document v1 (N_MULTI=150)"
+TASKS_V2 = TASKS_V1 + "; from task 292 (v2): second questions + multi-document (N_MULTI=150, seed 1)"
 
 
 def build_tasks(squad_path: Path) -> list:
-    from at2_lens.evaluation.squad import is_held_out, squad_split
+    from at2_lens.evaluation.squad import is_held_out, squad_split, squad_split_records
+    from at2_lens.tasks import ContextTask
     from at2_lens.tasks.loaders import multi_document_tasks, squad_records
 
     train, _ = squad_split(squad_path, sources="sentence")
     everything = squad_records(squad_path)
     held_contexts = {r["context"] for r in everything if is_held_out(r["id"])}
     records = [r for r in everything if r["context"] not in held_contexts]
-    multi = multi_document_tasks(records, N_MULTI, seed=0)
-    tasks = []
-    for i in range(max(len(train), len(multi))):
-        if i < len(train):
-            tasks.append(train[i])
-        if i < len(multi):
-            tasks.append(multi[i])
-    return tasks
+    tasks = _interleave(train, multi_document_tasks(records, N_MULTI, seed=0))
+    # v2: each training paragraph's second answerable question (same order as the first ones), more multi-documents
+    by_context: dict[str, list[dict]] = {}
+    for r in everything:
+        by_context.setdefault(r["context"], []).append(r)
+    first, _ = squad_split_records(squad_path)
+    second = [by_context[r["context"]][1] for r in first if len(by_context[r["context"]]) > 1]
+    second_tasks = [ContextTask(context=r["context"], query=r["question"], sources="sentence") for r in second]
+    return tasks + _interleave(second_tasks, multi_document_tasks(records, N_MULTI, seed=1))
+
+
+def _interleave(a: list, b: list) -> list:
+    out = []
+    for i in range(max(len(a), len(b))):
+        out.extend(x[i] for x in (a, b) if i < len(x))
+    return out
 
 
 def main() -> None:
@@ -70,7 +83,7 @@ def main() -> None:
     store = collect(model, tasks, args.store, mode="mask", output="logit_prob", n_masks=args.n_masks,
                     keep_prob=0.5, seed=0, shard_index=args.shard_index, shard_count=args.shard_count,
                     batch_size=8, max_new_tokens=32,
-                    extra_settings={"tasks": "squad_v2 dev_subset train split + multi-document v1 (N_MULTI=150)"})
+                    extra_settings={"tasks": TASKS_V2})
     print(f"{len(store)} examples in {store.root}")
 
 

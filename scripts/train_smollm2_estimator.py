@@ -3,7 +3,9 @@
     python scripts/train_smollm2_estimator.py          # writes at2_lens/estimators/smollm2-135m-instruct.safetensors
     python scripts/train_smollm2_estimator.py --learning-curve   # held-out LDS vs the number of training tasks
 
-Reads data/at2_smollm2/store (collected by scripts/collect_smollm2.py), holds out 20 % of the examples (seeded) for
+Reads the first ``--tasks`` examples of data/at2_smollm2/store (collected by scripts/collect_smollm2.py; default
+SHIPPED_TASKS, the ones the shipped estimator was trained on, so that it is reproduced while the store grows; 0 = all),
+holds out 20 % of them (seeded) for
 LDS, trains with non-negative head weights (unconstrained weights overfit this small store: held-out LDS barely moved
 from the uniform start) and records the settings and LDS in the file. ``--learning-curve`` writes nothing: it trains
 on random subsets (3 seeded draws per size, sizes halving from the whole training split) with the same settings and
@@ -21,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 STORE = ROOT / "data" / "at2_smollm2" / "store"
 OUT = ROOT / "at2_lens" / "estimators" / "smollm2-135m-instruct.safetensors"
+SHIPPED_TASKS = 145  # the shipped estimator's training data: store examples 0..144
 SETTINGS = {"lr": 1e-3, "batch_size": 512, "non_negative": True, "progress": False}
 
 
@@ -56,6 +59,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--held-out", type=float, default=0.2)
+    ap.add_argument("--tasks", type=int, default=SHIPPED_TASKS,
+                    help=f"use the store's first N examples (default {SHIPPED_TASKS}: the shipped estimator's; 0: all)")
     ap.add_argument("--learning-curve", action="store_true", help="print held-out LDS vs training-set size instead")
     args = ap.parse_args()
     import torch
@@ -66,6 +71,10 @@ def main() -> None:
 
     store = AblationStore(args.store)
     examples = store.load()
+    if args.tasks:
+        if len([e for e in examples if e.index < args.tasks]) < args.tasks:
+            raise SystemExit(f"--tasks {args.tasks}: the store {args.store} holds only {len(examples)} examples")
+        examples = [e for e in examples if e.index < args.tasks]
     if args.learning_curve:
         learning_curve(examples, args.held_out, args.steps)
         return

@@ -142,8 +142,9 @@ def test_readme_tables_are_the_benchmark_output(suite: str, csv: str, marker: st
     assert f"{evaluated} held-out" in block or f"all {evaluated}" in block  # the prose states how many tasks
 
 
-def _tiny_estimator(path: Path, head: int) -> Path:
-    """An estimator for the benchmark's tiny model (its fingerprint, so it loads) that reads one head only."""
+def _tiny_estimator(path: Path, sign: float) -> Path:
+    """An estimator for the benchmark's tiny model (its fingerprint, so it loads) that reads its first head only,
+    with weight ``sign``: the two signs rank the sources in opposite orders, so their metrics differ."""
     import torch
 
     from at2_lens.at2.estimator import LinearEstimator, model_fingerprint
@@ -152,7 +153,7 @@ def _tiny_estimator(path: Path, head: int) -> Path:
 
     backend = get_backend(load_tiny("llama"))
     weights = torch.zeros(backend.n_layers * backend.n_heads)
-    weights[head] = 1.0
+    weights[0] = sign
     LinearEstimator(weights.reshape(backend.n_layers, backend.n_heads), granularity="sentence",
                     model_fingerprint=model_fingerprint(backend)).save(path)
     return path
@@ -162,7 +163,7 @@ def test_rescore_replaces_only_at2_rows_and_equals_a_fresh_run(tmp_path: Path) -
     """After retraining, ``--rescore at2`` recomputes AT2's rows; the file then equals a run made with the new
     estimator from scratch, the other methods' rows are untouched, and the settings name the new weights."""
     data = _squad_file(tmp_path, 2)
-    est_a, est_b = _tiny_estimator(tmp_path / "a.safetensors", 0), _tiny_estimator(tmp_path / "b.safetensors", -1)
+    est_a, est_b = _tiny_estimator(tmp_path / "a.safetensors", 1.0), _tiny_estimator(tmp_path / "b.safetensors", -1.0)
     methods = ["--methods", "at2,avg_attention,loo"]
     old, fresh = tmp_path / "old.csv", tmp_path / "fresh.csv"
     assert _run("--data", str(data), "--out", str(old), *methods, "--estimator", str(est_a)).returncode == 0
@@ -188,7 +189,7 @@ def test_rescore_replaces_only_at2_rows_and_equals_a_fresh_run(tmp_path: Path) -
 
 def test_unfinished_rescore_is_resumed_and_blocks_plain_runs(tmp_path: Path) -> None:
     data = _squad_file(tmp_path, 2)
-    est = _tiny_estimator(tmp_path / "a.safetensors", 0)
+    est = _tiny_estimator(tmp_path / "a.safetensors", 1.0)
     out = tmp_path / "r.csv"
     args = ["--data", str(data), "--out", str(out), "--methods", "at2,avg_attention", "--estimator", str(est)]
     assert _run(*args).returncode == 0
