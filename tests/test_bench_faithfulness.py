@@ -1,6 +1,6 @@
 """The faithfulness benchmark script: ``--tasks`` splits the held-out tasks between processes and ``--merge`` folds
-their results into one file that equals a single-process run; the multi-document suite; the README's tables are the
-script's output for the committed results."""
+their results into one file that equals a single-process run; ``--rescore`` recomputes one method's rows and then equals
+a fresh run; the multi-document suite; the README's tables are the script's output for the committed results."""
 
 from __future__ import annotations
 
