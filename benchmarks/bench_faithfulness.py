@@ -37,6 +37,7 @@ import json
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -129,9 +130,9 @@ def main() -> None:
     names = args.methods.split(",") if args.methods else list(cfg["methods"])
     if args.estimator:
         names = ["at2", *[n for n in names if n != "at2"]]
-    if [m for m in rescore if m not in names]:
-        raise SystemExit(f"--rescore: {[m for m in rescore if m not in names]} are not among this run's methods "
-                         f"{names}")
+    not_run = [m for m in rescore if m not in names]
+    if not_run:
+        raise SystemExit(f"--rescore: {not_run} are not among this run's methods {names}")
     if args.model == "tiny":
         from at2_lens.models.tiny import load_tiny
 
@@ -186,17 +187,22 @@ def main() -> None:
         save_partial(args.out, done, settings, ground_truth_forward_passes=gt_passes)
     finished = set(done["task"])
     selected = set(range(len(tasks))[task_slice])
+
+    def evaluate_task(chosen: dict, ti: int, task_metrics: list[str]) -> pd.DataFrame:
+        """One held-out task under this run's settings (seeded by the task, so a re-scoring sees the same truth)."""
+        torch.manual_seed(ti)
+        return evaluate(chosen, [tasks[ti]], task_metrics, model=model, n_eval_masks=n_masks, ks=cfg["ks"],
+                        mode=args.mode, seed=args.seed, max_new_tokens=cfg["max_new_tokens"],
+                        n_permutations=cfg["n_permutations"], adversarial=adversarial, task_ids=[ti], progress=True)
+
     if rescore:
-        done = _rescore(done, meta, rescore, methods, tasks, metrics, model, settings, gt_passes, n_masks, cfg, args,
-                        adversarial)
+        done = _rescore(done, meta, {name: methods[name] for name in rescore}, metrics, evaluate_task, settings,
+                        gt_passes, args.out)
         finished = set(range(len(tasks)))  # nothing new is evaluated in a re-scoring run
-    for ti, task in enumerate(tasks):
+    for ti in range(len(tasks)):
         if args.table_only or ti in finished or ti not in selected:
             continue
-        torch.manual_seed(ti)
-        part = evaluate(methods, [task], metrics, model=model, n_eval_masks=n_masks, ks=cfg["ks"], mode=args.mode,
-                        seed=args.seed, max_new_tokens=cfg["max_new_tokens"], n_permutations=cfg["n_permutations"],
-                        adversarial=adversarial, task_ids=[ti], progress=True)
+        part = evaluate_task(methods, ti, metrics)
         done = part if done.empty else pd.concat([done, part], ignore_index=True)
         gt_passes += int(part.attrs["ground_truth_forward_passes"])
         if args.out:
@@ -224,29 +230,26 @@ def main() -> None:
         print(f"\nper-task results: {Path(args.out).resolve()}")
 
 
-def _rescore(done: pd.DataFrame, meta: dict, rescore: list[str], methods: dict, tasks: list, metrics: list[str],
-             model: object, settings: dict, gt_passes: int, n_masks: int, cfg: dict, args: argparse.Namespace,
-             adversarial: dict) -> pd.DataFrame:
-    """Recompute ``rescore``'s rows for every finished task of ``done``, saving after each task; a killed run
-    resumes from the ``rescore`` entry of the results' JSON."""
+def _rescore(done: pd.DataFrame, meta: dict, chosen: dict, metrics: list[str],
+             evaluate_task: Callable[[dict, int, list[str]], pd.DataFrame], settings: dict, gt_passes: int,
+             out: str) -> pd.DataFrame:
+    """Recompute the ``chosen`` methods' rows for every finished task of ``done``, saving ``out`` after each task; a
+    killed run resumes from the ``rescore`` entry of the results' JSON."""
+    rescore = list(chosen)
     pending = meta.get("rescore") or {}
     if pending and (pending.get("methods") != rescore or meta.get("settings") != json.loads(json.dumps(settings))):
-        raise SystemExit(f"{args.out} is being re-scored with {pending.get('methods')} under other settings; finish "
+        raise SystemExit(f"{out} is being re-scored with {pending.get('methods')} under other settings; finish "
                          "that first")
     left = list(pending.get("tasks_left", sorted(int(t) for t in set(done["task"]))))
-    chosen = {name: methods[name] for name in rescore}
     per_method = [m for m in metrics if m not in METHOD_INDEPENDENT_METRICS]  # the attention checks stay as they are
     while left:
         ti = left[0]
-        torch.manual_seed(ti)
-        part = evaluate(chosen, [tasks[ti]], per_method, model=model, n_eval_masks=n_masks, ks=cfg["ks"],
-                        mode=args.mode, seed=args.seed, max_new_tokens=cfg["max_new_tokens"],
-                        n_permutations=cfg["n_permutations"], adversarial=adversarial, task_ids=[ti], progress=True)
+        part = evaluate_task(chosen, ti, per_method)
         part = part[part["method"].isin(rescore)]
         done = replace_method_rows(done, ti, part.assign(k=part["k"].astype("Int64")), rescore)
         left = left[1:]
         extra = {"rescore": {"methods": rescore, "tasks_left": left}} if left else {}
-        save_partial(args.out, done, settings, ground_truth_forward_passes=gt_passes, **extra)
+        save_partial(out, done, settings, ground_truth_forward_passes=gt_passes, **extra)
         print(f"re-scored {rescore} on task {ti}; {len(left)} left", file=sys.stderr)
     return done
 

@@ -72,9 +72,11 @@ def main() -> None:
     store = AblationStore(args.store)
     examples = store.load()
     if args.tasks:
-        if len([e for e in examples if e.index < args.tasks]) < args.tasks:
-            raise SystemExit(f"--tasks {args.tasks}: the store {args.store} holds only {len(examples)} examples")
-        examples = [e for e in examples if e.index < args.tasks]
+        first = [e for e in examples if e.index < args.tasks]
+        if len(first) < args.tasks:
+            raise SystemExit(f"--tasks {args.tasks}: the store {args.store} holds only {len(first)} of its first "
+                             f"{args.tasks} examples")
+        examples = first
     if args.learning_curve:
         learning_curve(examples, args.held_out, args.steps)
         return

@@ -293,7 +293,6 @@ class Backend:
             )
         return self._generate(ids, limit, eos, use_cache=False)
 
-
     def _generate(self, ids: Tensor, limit: int, eos: int | None, *, use_cache: bool) -> Tensor:
         """``limit`` greedy tokens after ``ids`` [1, pos] (cut at the first EOS, which is dropped), on the CPU."""
         if self.kind == "bridge":
