@@ -221,3 +221,36 @@ def test_bad_rescore_is_refused_before_the_model_loads(tmp_path: Path, extra: li
     assert proc.returncode != 0 and needle in proc.stderr, proc.stderr[-1000:]
     assert "--rescore" in proc.stderr and "Traceback" not in proc.stderr
     assert out.read_bytes() == before
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_rescore_on_smollm2_equals_a_fresh_run(tmp_path: Path) -> None:
+    """``--rescore at2`` on the real model: the shipped estimator's rows of a held-out SQuAD task replaced by those of
+    an estimator with other weights equal a fresh run with that estimator."""
+    import dataclasses
+
+    import at2_lens
+
+    data = shared_data("squad_v2", "dev_subset.json")
+    shipped = at2_lens.load_estimator()
+    other = tmp_path / "other.safetensors"
+    dataclasses.replace(shipped, weights=shipped.weights.flip(0)).save(other)  # layers reversed: other rankings
+    base = ["--model", "smollm2", "--small", "--limit", "1", "--methods", "at2,avg_attention", "--metrics",
+            "lds,kendall_loo", "--n-eval-masks", "8", "--data", str(data)]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, str(SCRIPT), *base, *args], capture_output=True, text=True, cwd=ROOT,
+                              timeout=900)
+
+    old, fresh = tmp_path / "old.csv", tmp_path / "fresh.csv"
+    assert run("--out", str(old)).returncode == 0
+    assert run("--out", str(fresh), "--estimator", str(other)).returncode == 0
+    before = pd.read_csv(old)
+    proc = run("--out", str(old), "--estimator", str(other), "--rescore", "at2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cols = ["method", "task", "metric", "k", "value", "n_sources", "forward_passes", "backward_passes"]
+    got, want = pd.read_csv(old), pd.read_csv(fresh)
+    pd.testing.assert_frame_equal(got[cols], want[cols])
+    at2 = before["method"] == "at2"
+    assert not before.loc[at2, "value"].reset_index(drop=True).equals(got.loc[at2, "value"].reset_index(drop=True))
