@@ -78,3 +78,24 @@ def test_recorded_squad_metrics_are_reproduced_by_evaluate(smollm2: object) -> N
         want = recorded[(recorded.metric == row.metric) & (recorded.k.fillna(-1) == (-1 if pd.isna(row.k) else row.k))]
         assert len(want) == 1, (row.metric, row.k)
         assert abs(row.value - float(want.value.iloc[0])) < 0.02, (row.metric, row.k, row.value)
+
+
+def test_learning_curve_trains_on_halving_subsets_and_writes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "never.safetensors"
+    proc = subprocess.run([sys.executable, "scripts/train_smollm2_estimator.py", "--tasks", "60", "--steps", "20",
+                           "--learning-curve", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    rows = [line.strip("|").split("|") for line in lines]
+    sizes = [int(r[0]) for r in rows[1:]]  # rows[0] is the header
+    assert sizes == [12, 24, 48]  # 48 = 60 minus the 20 % held out, then halved while >= 12
+    assert all(-1.0 <= float(r[1]) <= 1.0 for r in rows[1:])
+    assert not out.exists()
+
+
+def test_train_script_refuses_more_tasks_than_the_store_holds(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "scripts/train_smollm2_estimator.py", "--tasks", "100000", "--out",
+                           str(tmp_path / "x.safetensors")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "--tasks 100000" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "x.safetensors").exists()
