@@ -11,20 +11,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import warnings
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
 from at2_lens.at2.attribution import AT2Attribution  # noqa: E402
 from at2_lens.backends import get_backend  # noqa: E402
 from at2_lens.tasks import ContextTask  # noqa: E402
-from benchmarks._timing import interleaved_ratio  # noqa: E402
+
+from _timing import interleaved_ratio  # noqa: E402
 
 FILLER = (
     "The committee met on Tuesday to review the annual budget. Several members raised questions about travel costs. "

@@ -16,20 +16,19 @@ import argparse
 import os
 import sys
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
 from captum.attr import LayerIntegratedGradients
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
 from at2_lens.attattr import AttentionAttribution  # noqa: E402
 from at2_lens.backends import get_backend  # noqa: E402
-from benchmarks._timing import interleaved_ratio  # noqa: E402
+
+from _timing import interleaved_ratio  # noqa: E402
 
 TEXT = (
     "The committee met on Tuesday to review the annual budget. Several members raised questions about travel "

@@ -28,7 +28,6 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
@@ -40,7 +39,8 @@ from at2_lens.baselines._common import ablation_fn  # noqa: E402
 from at2_lens.evaluation.squad import squad_split_records  # noqa: E402
 from at2_lens.pruning import prune_context, top_k_mask  # noqa: E402
 from at2_lens.tasks import ContextTask  # noqa: E402
-from benchmarks._resume import load_partial, save_partial  # noqa: E402
+
+from _resume import load_partial, save_partial  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad_v2" / "dev_subset.json"
 COLUMNS = ["task", "n_sources", "k", "method", "delta_log_prob", "full_log_prob", "reanswer_has_gold",

@@ -43,7 +43,6 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
@@ -52,7 +51,8 @@ from at2_lens.evaluation._names import METHOD_INDEPENDENT_METRICS  # noqa: E402
 from at2_lens.evaluation.methods import build_methods  # noqa: E402
 from at2_lens.evaluation.runner import evaluate, markdown_table, resolve_metrics, summarize  # noqa: E402
 from at2_lens.evaluation.squad import HELD_OUT_MODULUS, multi_document_split, squad_split  # noqa: E402
-from benchmarks._resume import load_partial, replace_method_rows, save_partial  # noqa: E402
+
+from _resume import load_partial, replace_method_rows, save_partial  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad_v2" / "dev_subset.json"
 SMALL = {

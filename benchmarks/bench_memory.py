@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
@@ -140,7 +139,7 @@ def worker(mode: str, model_name: str, n_tokens: int) -> dict[str, Any]:
 
 def measure(mode: str, model_name: str, n_tokens: int) -> dict[str, Any]:
     """Run ``worker`` in a fresh subprocess (so earlier measurements cannot raise the peak)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run(
         [sys.executable, __file__, "--worker", mode, "--model", model_name, "--tokens", str(n_tokens)],
         check=True, capture_output=True, text=True, env=env, cwd=ROOT,

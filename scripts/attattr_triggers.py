@@ -7,7 +7,7 @@ sentences at the mined relative positions, and prints accuracy before/after per 
 
 Run from the project root::
 
-    PYTHONPATH=. python scripts/attattr_triggers.py --n-train 64 --n-eval 872 --csv triggers.csv
+    python scripts/attattr_triggers.py --n-train 64 --n-eval 872 --csv triggers.csv
 """
 
 from __future__ import annotations

@@ -15,11 +15,9 @@ prints the mean LDS on the same held-out examples, to show how much more data wo
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 STORE = ROOT / "data" / "at2_smollm2" / "store"
 OUT = ROOT / "at2_lens" / "estimators" / "smollm2-135m-instruct.safetensors"

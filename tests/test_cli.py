@@ -88,7 +88,7 @@ def test_bad_input_is_a_clear_error(tiny_dir: Path, tmp_path: Path, capsys: pyte
 
 def test_help_is_instant_and_lists_commands() -> None:
     out = subprocess.run([sys.executable, "-m", "at2_lens.cli", "--help"], capture_output=True, text=True,
-                         cwd=ROOT, timeout=60, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+                         cwd=ROOT, timeout=60, env={"PATH": "/usr/bin:/bin"})
     assert out.returncode == 0 and "collect" in out.stdout and "train" in out.stdout
 
 

@@ -57,7 +57,7 @@ def test_collect_cli_killed_three_times_at_random_moments_resumes_to_identical_s
     tiny_dir: Path, tmp_path: Path
 ) -> None:
     tasks = _write_tasks(tmp_path / "tasks.jsonl", N_TASKS)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
 
     def cmd(store: Path) -> list[str]:
         return [sys.executable, "-m", "at2_lens.cli", "collect", "--model", str(tiny_dir), "--backend", "bridge",

@@ -20,8 +20,8 @@ from at2_lens.at2.attribution import AT2Attribution
 from at2_lens.at2.outputs import span_output
 from at2_lens.backends import get_backend
 from at2_lens.baselines import AverageAttention, ContextCite, GradientXInput, LeaveOneOut
+from at2_lens.cli.evaluate import add_evaluate_parser, cmd_evaluate
 from at2_lens.errors import InputError
-from at2_lens.evaluation.cli import add_evaluate_parser, cmd_evaluate
 from at2_lens.evaluation.methods import build_methods
 from at2_lens.evaluation.metrics import (
     adversarial_attention,

@@ -260,11 +260,11 @@ def test_rewrite_is_byte_identical(tmp_path: Path) -> None:
     assert first == second
     # A different process (different hash seeds in safetensors' Rust code) writes the same bytes.
     code = (
-        "import sys; sys.path.insert(0, sys.argv[1]);"
+        "import sys;"
         "from tests.test_store import make_example; from at2_lens.at2.store import example_to_bytes;"
         "sys.stdout.buffer.write(example_to_bytes(make_example(5)))"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(REPO)], capture_output=True, check=True, cwd=REPO)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True, cwd=REPO)
     assert out.stdout == first == example_to_bytes(ex)
     manifest = (tmp_path / "store.json").read_bytes()
     AblationStore(tmp_path / "again", make_settings())

@@ -1,7 +1,7 @@
 """``at2-lens evaluate``: faithfulness of attribution methods on a set of tasks, as a CSV and a markdown summary.
 
-Wire into the main parser with ``add_evaluate_parser(subparsers)``; the command function is ``cmd_evaluate``.
-Heavy imports happen inside ``cmd_evaluate`` so that ``--help`` stays instant.
+Wire into a parser with ``add_evaluate_parser(subparsers)``; the command function is ``cmd_evaluate``. Heavy imports
+happen inside ``cmd_evaluate`` so that ``--help`` stays instant.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from at2_lens._cli_args import add_model_args
-from at2_lens.errors import InputError
+from at2_lens._validate import check_int
+from at2_lens.cli._args import add_model_args, parse_ints
 
 _DEFAULT_METHODS = "at2,avg_attention,loo,contextcite32,gradxinput"
 _DEFAULT_METRICS = "lds,topk_drop,kendall_loo,kendall_gradxinput"
@@ -85,23 +85,13 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _ints(text: str, name: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise InputError(f"{name}: expected comma-separated integers, got {text!r}") from None
-    if not values:
-        raise InputError(f"{name}: expected at least one integer")
-    return values
-
-
 def load_eval_tasks(spec: str, split: str, sources: str, limit: int | None) -> list[Any]:
     """Tasks for ``--tasks``: a SQuAD split (``squad:PATH``) or a JSON Lines file."""
     from at2_lens.evaluation.squad import squad_split
     from at2_lens.tasks.loaders import load_jsonl_tasks
 
-    if limit is not None and limit < 1:
-        raise InputError(f"--limit: expected >= 1, got {limit}")
+    if limit is not None:
+        check_int("--limit", limit, minimum=1)
     if spec.startswith("squad:"):
         train, held = squad_split(spec[len("squad:"):], sources=sources)
         tasks = {"held_out": held, "train": train, "all": train + held}[split]
@@ -146,8 +136,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from at2_lens.evaluation.runner import evaluate, markdown_table, resolve_metrics, summarize
 
     metrics = resolve_metrics([m.strip() for m in args.metrics.split(",") if m.strip()])
-    ks = _ints(args.ks, "--ks")
-    adv_layers = _ints(args.adversarial_layers, "--adversarial-layers") if args.adversarial_layers else None
+    ks = parse_ints(args.ks, "--ks")
+    adv_layers = parse_ints(args.adversarial_layers, "--adversarial-layers") if args.adversarial_layers else None
     with DataParallel() as dp:
         device = dp.device(args.device)
         tasks = load_eval_tasks(args.tasks, args.split, args.sources, args.limit)
@@ -185,3 +175,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.summary:
         atomic_write_text(args.summary, table + "\n")
     return 0
+
+
+__all__ = ["add_evaluate_parser", "cmd_evaluate", "load_eval_tasks"]

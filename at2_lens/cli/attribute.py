@@ -1,0 +1,153 @@
+"""``at2-lens demo`` and ``at2-lens attribute``: score the sources of a context for a response with AT2.
+
+``demo`` is ``attribute`` on a built-in question (or ``--context``/``--question`` of your own); both print the top
+sources and write an HTML report (and optionally the scores as JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from at2_lens.cli._args import add_model_args
+from at2_lens.errors import At2LensError
+
+DEFAULT_REPORT = "at2_lens_report.html"
+
+
+def _add_common_args(p: argparse.ArgumentParser) -> None:
+    """The model and attribution options that ``demo`` and ``attribute`` share."""
+    add_model_args(p, default="smollm2", hooked_class="HookedTransformer",
+                   model_help="'smollm2' or 'minilm' (embedded, offline), a Hugging Face model id, or a local model "
+                              "directory")
+    p.add_argument("--estimator", default=None,
+                   help="AT2 estimator file (.safetensors). Default: the estimator shipped for the model if there "
+                        "is one, else uniform weights (average attention)")
+    p.add_argument("--sources", default="sentence", choices=["token", "word", "sentence", "document"],
+                   help="source granularity: what the context is cut into and scored (default: sentence)")
+    p.add_argument("--top", type=int, default=5, help="how many top sources to print (default: 5)")
+    p.add_argument("--max-new-tokens", type=int, default=48,
+                   help="generation budget when the response is generated (default: 48)")
+    p.add_argument("--html", default=DEFAULT_REPORT,
+                   help=f"where to write the HTML report (default: {DEFAULT_REPORT}); '' to skip")
+    p.add_argument("--json", default=None, help="also write the scores as JSON to this path")
+
+
+def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``demo`` sub-command to an ``argparse`` sub-parsers object and return its parser."""
+    p = subparsers.add_parser("demo",
+                              help="answer a built-in question with SmolLM2 and attribute the answer (offline)",
+                              description="The main job: the model answers a question over a multi-paragraph "
+                                          "context; AT2 scores each context sentence; the terminal shows the top "
+                                          "sources highlighted and an HTML report is written.")
+    _add_common_args(p)
+    p.add_argument("--context", default=None,
+                   help="your own context: a text file path (paragraphs separated by blank lines become "
+                        "documents) or the text itself (default: the built-in context)")
+    p.add_argument("--question", default=None, help="your own question (default: the built-in one)")
+    p.set_defaults(func=cmd_demo)
+    return p
+
+
+def add_attribute_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``attribute`` sub-command to an ``argparse`` sub-parsers object and return its parser."""
+    p = subparsers.add_parser("attribute", help="attribute a response to the sources of a context",
+                              description="Score every source of a context for a (generated or given) response.")
+    _add_common_args(p)
+    p.add_argument("--context", required=True, help="a text file path, or the context text itself")
+    p.add_argument("--query", required=True, help="the question or instruction about the context")
+    p.add_argument("--response", default=None, help="the response to attribute (default: generated greedily)")
+    p.add_argument("--target", default=None,
+                   help="character range START:END of the response to attribute (default: whole response)")
+    p.set_defaults(func=cmd_attribute)
+    return p
+
+
+def _read_text_arg(value: str) -> str:
+    """The contents of ``value`` if it names a file, else ``value`` itself."""
+    p = Path(value)
+    if len(value) < 4096 and p.is_file():
+        return p.read_text(encoding="utf-8")
+    return value
+
+
+def _documents(text: str) -> list[str]:
+    """Paragraphs separated by blank lines, as documents."""
+    return [d.strip() for d in text.replace("\r\n", "\n").split("\n\n") if d.strip()]
+
+
+def _print_result(result: Any, top: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]Response:[/bold] {result.response.strip()}")
+    console.print(f"[bold]Method:[/bold] {result.method}\n")
+    console.print(result)
+    table = Table(title=f"Top {min(top, result.n_sources)} sources")
+    table.add_column("rank", justify="right")
+    table.add_column("score", justify="right")
+    table.add_column("source")
+    for r, (i, text, score) in enumerate(result.top_k(min(top, result.n_sources)), start=1):
+        table.add_row(str(r), f"{score:.4f}", f"[{i}] {text.strip()}")
+    console.print(table)
+
+
+def _attribute(args: argparse.Namespace, task: Any) -> int:
+    """Attribute ``task`` with AT2 as configured by ``args``; print the top sources, write the report and JSON."""
+    from at2_lens import load_model
+    from at2_lens.at2.attribution import AT2Attribution
+    from at2_lens.at2.pretrained import default_estimator_for
+    from at2_lens.report import write_report
+
+    model = load_model(args.model, backend=args.backend)
+    estimator = args.estimator if args.estimator else default_estimator_for(model)
+    at2 = AT2Attribution(model, estimator=estimator)
+    target = None
+    if getattr(args, "target", None):
+        try:
+            a, b = (int(x) for x in args.target.split(":"))
+        except ValueError:
+            raise At2LensError(f"--target: expected START:END character offsets, got {args.target!r}") from None
+        target = (a, b)
+    result = at2.attribute(task, target=target, max_new_tokens=args.max_new_tokens)
+    _print_result(result, args.top)
+    if args.html:
+        path = write_report(args.html, result, at2.head_weights, title="at2_lens: AT2 attribution", query=task.query)
+        print(f"HTML report written to {path.resolve()}")
+    if args.json:
+        from at2_lens._io import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps({
+            "response": result.response, "target": result.target_text, "method": result.method,
+            "sources": [{"index": i, "text": t, "score": float(s)}
+                        for i, (t, s) in enumerate(zip(result.source_texts, result.scores.tolist(), strict=True))],
+        }, indent=2, ensure_ascii=False))
+        print(f"JSON scores written to {Path(args.json).resolve()}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Attribute the model's answer to the built-in question (or ``--context``/``--question``)."""
+    from at2_lens.tasks import ContextTask
+    from at2_lens.tasks.loaders import DEMO_CONTEXT, DEMO_QUESTION
+
+    context = _documents(_read_text_arg(args.context)) if args.context else DEMO_CONTEXT
+    question = args.question or DEMO_QUESTION
+    print(f"Question: {question}")
+    return _attribute(args, ContextTask(context=context, query=question, sources=args.sources))
+
+
+def cmd_attribute(args: argparse.Namespace) -> int:
+    """Attribute a given or generated response to the sources of ``--context``."""
+    from at2_lens.tasks import ContextTask
+
+    context = _read_text_arg(args.context)
+    task = ContextTask(context=_documents(context) if args.sources == "document" else context, query=args.query,
+                       response=args.response, sources=args.sources)
+    return _attribute(args, task)
+
+
+__all__ = ["DEFAULT_REPORT", "add_attribute_parser", "add_demo_parser", "cmd_attribute", "cmd_demo"]

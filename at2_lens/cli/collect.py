@@ -1,0 +1,82 @@
+"""``at2-lens collect``: AT2 training data (attention features and random source ablations) into a store.
+
+Resumable (every finished example is written atomically) and shardable (``--shard-index``/``--shard-count``, or one
+shard per process under ``torchrun`` / ``accelerate launch``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from at2_lens.cli._args import add_model_args
+
+
+def add_collect_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``collect`` sub-command to an ``argparse`` sub-parsers object and return its parser."""
+    p = subparsers.add_parser("collect", help="collect AT2 training data (resumable, shardable)",
+                              description="Generate responses, read attention features and run random source "
+                                          "ablations for every task; each finished example is written atomically "
+                                          "to the store, so an interrupted run resumes where it stopped.")
+    add_model_args(p, default="smollm2", hooked_class="HookedTransformer",
+                   model_help="'smollm2' or 'minilm' (embedded, offline), a Hugging Face model id, or a local model "
+                              "directory")
+    p.add_argument("--tasks", required=True,
+                   help="a .jsonl file of tasks ({'context', 'query', ['response']} per line) or 'squad:PATH' "
+                        "for a SQuAD-format JSON file")
+    p.add_argument("--store", required=True, help="the store directory (created, or resumed if it exists)")
+    p.add_argument("--sources", default="sentence", choices=["token", "word", "sentence", "document"],
+                   help="source granularity of the ablations (default: sentence)")
+    p.add_argument("--mode", default="mask", choices=["mask", "remove"],
+                   help="'mask' = ablate by masking the sources' keys in attention (positions kept, batched; "
+                        "AT2's default) or 'remove' = delete the text and re-tokenise (default: mask)")
+    p.add_argument("--output", default="logit_prob", choices=["logit_prob", "log_prob"],
+                   help="target output measured under each ablation (default: logit_prob)")
+    p.add_argument("--n-masks", type=int, default=32, help="random ablations per task (default: 32)")
+    p.add_argument("--keep-prob", type=float, default=0.5, help="probability of keeping each source (default 0.5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the masks and of the task order (default: 0)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N tasks")
+    p.add_argument("--shard-index", type=int, default=0, help="this process's shard (default: 0)")
+    p.add_argument("--shard-count", type=int, default=1, help="number of shards splitting the tasks (default: 1)")
+    p.add_argument("--batch-size", type=int, default=8, help="ablations per forward pass in mask mode (default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="generation budget per task (default: 48)")
+    p.add_argument("--device", default="auto",
+                   help="'auto' (cuda:LOCAL_RANK when CUDA is available, else cpu), 'cpu', 'cuda' or 'cuda:N'. "
+                        "Under torchrun / accelerate launch each process collects its own shard of the tasks "
+                        "(shard i %% WORLD_SIZE) into the shared store (default: auto)")
+    p.set_defaults(func=cmd_collect)
+    return p
+
+
+def load_tasks(spec: str, sources: str, limit: int | None, seed: int) -> list[Any]:
+    """Tasks for ``--tasks``: ``squad:PATH`` (a SQuAD-format file, shuffled by ``seed``) or a JSON Lines file."""
+    from at2_lens.tasks.loaders import load_jsonl_tasks, squad_tasks
+
+    if spec.startswith("squad:"):
+        return squad_tasks(spec[len("squad:"):], limit=limit, seed=seed, sources=sources)
+    tasks = load_jsonl_tasks(spec, sources=sources)
+    return tasks[:limit] if limit is not None else tasks
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    """Collect AT2 training data; under torchrun each process takes its shard and rank 0 reports when all are done."""
+    from at2_lens import load_model
+    from at2_lens.at2.collect import collect
+    from at2_lens.distributed import DataParallel
+
+    with DataParallel() as dp:
+        shard_index, shard_count = dp.compose(args.shard_index, args.shard_count)
+        device = dp.device(args.device)
+        tasks = load_tasks(args.tasks, args.sources, args.limit, args.seed)
+        model = load_model(args.model, backend=args.backend, device=device)
+        store = collect(model, tasks, args.store, mode=args.mode, output=args.output, n_masks=args.n_masks,
+                        keep_prob=args.keep_prob, seed=args.seed, shard_index=shard_index,
+                        shard_count=shard_count, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+        dp.barrier()  # every process's shard is written before rank 0 reports
+        if dp.is_main:
+            workers = f" by {dp.world_size} processes" if dp.is_distributed else ""
+            print(f"{len(store)} examples in {store.root} ({len(tasks)} tasks){workers}")
+    return 0
+
+
+__all__ = ["add_collect_parser", "cmd_collect", "load_tasks"]

@@ -1,0 +1,128 @@
+"""``at2-lens heads``: head importance by AttAttr, attention score, Taylor expansion and at random on SST-2 training
+phrases, then a pruning sweep (accuracy on SST-2 validation with the least important heads masked), written as a CSV
+and a PNG plot and printed as a markdown table.
+
+Takes the MiniLM SST-2 classifier by default, or ``--model DIR --head FILE`` for another encoder classifier (a
+linear head file written by ``at2_lens.models.classifier.write_head``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from at2_lens._validate import check_int
+from at2_lens.cli._args import add_classifier_args, load_classifier, set_threads
+from at2_lens.errors import InputError
+
+_DEFAULT_METHODS = "attattr,attention,taylor,random"
+
+
+def add_heads_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``heads`` sub-command to an ``argparse`` sub-parsers object and return its parser."""
+    heads = subparsers.add_parser(
+        "heads",
+        help="AttAttr head study: head importance by four methods and a head-pruning sweep on SST-2",
+        description="Score every attention head by AttAttr (integrated gradients over attention), attention score, "
+                    "Taylor expansion and at random on SST-2 training phrases, then mask the least important "
+                    "heads (0 %%, 10 %%, ..., 100 %%) and measure accuracy on SST-2 validation. Writes a CSV and a "
+                    "PNG plot; prints a markdown table (fraction pruned x method).",
+    )
+    add_classifier_args(heads)
+    heads.add_argument("--data-dir", default=None,
+                       help="directory holding sst2/train.tsv and sst2/validation.tsv (default: $AT2_LENS_DATA or "
+                            "../shared/data)")
+    heads.add_argument("--n-importance", type=int, default=128,
+                       help="SST-2 training phrases (seeded random sample) scored for head importance (default: 128)")
+    heads.add_argument("--n-eval", type=int, default=0,
+                       help="first N validation sentences to evaluate on; 0 = all 872 (default: 0)")
+    heads.add_argument("--methods", default=_DEFAULT_METHODS,
+                       help=f"comma-separated importance methods (default: {_DEFAULT_METHODS})")
+    heads.add_argument("--n-fractions", type=int, default=10,
+                       help="pruning steps: fractions 0, 1/N, ..., 1 of all heads (default: 10, i.e. 10 %% steps)")
+    heads.add_argument("--n-steps", type=int, default=16,
+                       help="integration steps of AttAttr (Gauss-Legendre; default: 16)")
+    heads.add_argument("--target", default="predicted", choices=["predicted", "gold"],
+                       help="AttAttr's F: probability of the predicted or of the gold class (default: predicted)")
+    heads.add_argument("--batch-size", type=int, default=8,
+                       help="examples per AttAttr batch (each runs n_steps rows; default: 8)")
+    heads.add_argument("--seed", type=int, default=0, help="seed of the training sample and of 'random' (default 0)")
+    heads.add_argument("--csv", default="heads_pruning.csv", help="where to write the sweep (default: "
+                                                                  "heads_pruning.csv)")
+    heads.add_argument("--plot", default="heads_pruning.png",
+                       help="where to write the accuracy plot (default: heads_pruning.png); '' to skip")
+    heads.add_argument("--importance-json", default=None,
+                       help="also write the [layer, head] importance of each method as JSON to this path")
+    heads.set_defaults(func=cmd_heads)
+    return heads
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+def markdown_sweep(df: Any) -> str:
+    """The sweep as a markdown table: one row per fraction pruned, one accuracy column per method."""
+    methods = list(dict.fromkeys(df["method"]))
+    fractions = sorted(set(df["fraction"]))
+    head = "| pruned | heads | " + " | ".join(methods) + " |"
+    sep = "|---:|---:|" + "---:|" * len(methods)
+    lines = [head, sep]
+    for f in fractions:
+        part = df[df["fraction"] == f]
+        n = int(part["n_pruned"].iloc[0])
+        accs = [part[part["method"] == m]["accuracy"] for m in methods]
+        cells = [f"{float(a.iloc[0]) * 100:.1f}" if len(a) else "" for a in accs]
+        lines.append(f"| {f * 100:.0f} % | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------- commands
+def cmd_heads(args: argparse.Namespace) -> int:
+    """Run the head study configured by ``args``; prints the markdown table."""
+    import json
+
+    from at2_lens._io import atomic_write_text
+    from at2_lens.attattr.heads import METHODS, compare_pruning, plot_pruning
+    from at2_lens.models.classifier import load_sst2
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if not methods or bad:
+        raise InputError(f"--methods: expected a comma-separated subset of {METHODS}, got {args.methods!r}")
+    for name in ("n_importance", "n_fractions", "n_steps", "batch_size"):
+        check_int(f"--{name.replace('_', '-')}", getattr(args, name), minimum=1)
+    check_int("--n-eval", args.n_eval, minimum=0)
+    set_threads(args.threads)
+    train_texts, train_labels = load_sst2("train", data_dir=args.data_dir)
+    eval_texts, eval_labels = load_sst2("validation", limit=args.n_eval or None, data_dir=args.data_dir)
+    if args.n_importance > len(train_texts):
+        raise InputError(f"--n-importance: the training split has {len(train_texts)} phrases, got {args.n_importance}")
+    pick = sorted(random.Random(args.seed).sample(range(len(train_texts)), args.n_importance))
+    imp_texts = [train_texts[i] for i in pick]
+    imp_labels = [train_labels[i] for i in pick]
+    clf = load_classifier(args.model, args.head, args.backend)
+    fractions = [i / args.n_fractions for i in range(args.n_fractions + 1)]
+    t0 = time.perf_counter()
+    df = compare_pruning(
+        clf, imp_texts, imp_labels, eval_texts, eval_labels, methods=methods, fractions=fractions, seed=args.seed,
+        method_kwargs={"attattr": {"n_steps": args.n_steps, "batch_size": args.batch_size, "target": args.target}},
+    )
+    elapsed = time.perf_counter() - t0
+    table = markdown_sweep(df)
+    print(f"{clf.backend.describe()}: importance from {len(imp_texts)} SST-2 training phrases (seed {args.seed}, "
+          f"AttAttr {args.n_steps} steps), accuracy (%) on {len(eval_texts)} validation sentences; {elapsed:.0f} s\n")
+    print(table)
+    Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.csv, df.to_csv(index=False))
+    print(f"\nsweep written to {Path(args.csv).resolve()}")
+    if args.plot:
+        plot_pruning(df, args.plot, title=f"head pruning, {len(eval_texts)} SST-2 validation sentences")
+        print(f"plot written to {Path(args.plot).resolve()}")
+    if args.importance_json:
+        atomic_write_text(args.importance_json, json.dumps(df.attrs["importance"], indent=1))
+        print(f"importance written to {Path(args.importance_json).resolve()}")
+    return 0
+
+
+__all__ = ["add_heads_parser", "cmd_heads", "markdown_sweep"]
