@@ -129,9 +129,10 @@ def main() -> None:
     args = ap.parse_args()
     tasks = load_study(Path(args.data))
     kinds = sorted({t["meta"]["kind"] for t in tasks})
+    counts = {k: sum(t["meta"]["kind"] == k for t in tasks) for k in kinds}
     n_val = sum(is_validation(t["meta"]["index"]) for t in tasks)
     head = (
-        f"{len(tasks)} tasks ({', '.join(f'{k}: {sum(t['meta']['kind'] == k for t in tasks)}' for k in kinds)}), "
+        f"{len(tasks)} tasks ({', '.join(f'{k}: {counts[k]}' for k in kinds)}), "
         f"{len(tasks) - n_val} train / {n_val} validation, 32 masks each\n\n"
         "| family | oracle LDS in-sample | oracle LDS held-out masks | trained LDS (validation) | "
         + " | ".join(f"trained ({k})" for k in kinds)

@@ -61,7 +61,7 @@ def build_all_tasks(squad: Path) -> list[tuple[str, Any]]:
     for r in records:
         by_title.setdefault(r["title"], []).append(r)
     titles = sorted(by_title)
-    for i in range(N_COMPOUND):
+    for _ in range(N_COMPOUND):
         a, b, c = rng.sample(titles, 3)
         ra, rb = rng.choice(by_title[a]), rng.choice(by_title[b])
         distract = rng.choice(by_title[c])["context"]
