@@ -50,6 +50,12 @@ def family(task: dict, name: str) -> torch.Tensor:
     ``mean.<w>`` is ``sum.<w>`` divided by the source's token count."""
     if "+" in name:
         return torch.cat([family(task, part) for part in name.split("+")], dim=1)
+    if name.startswith(("sq:", "sqrt:", "share:")):
+        how, base = name.split(":", 1)
+        phi = family(task, base)
+        if how == "share":  # each head's attention to the source as a share of its attention to all sources
+            return phi / phi.sum(dim=0, keepdim=True).clamp_min(1e-12)
+        return phi.square() if how == "sq" else phi.clamp_min(0).sqrt()
     if name.startswith("mean."):
         lengths = task["source_lengths"].float().clamp_min(1)
         return family(task, "sum." + name.split(".", 1)[1]) / lengths[:, None, None]
@@ -113,6 +119,61 @@ def cross_task(tasks: list[dict], name: str, *, non_negative: bool = True, steps
     return {k: float(np.mean(v)) for k, v in out.items()}
 
 
+def _padded(tasks: list[dict], name: str) -> tuple[torch.Tensor, ...]:
+    """Per-source inputs ``[task, source, feature]`` (features, their share over sources, log token count), signs
+    ``[task, mask, source]`` (0 for padding sources), centred unit-norm outputs ``[task, mask]``."""
+    s_max = max(t["masks"].shape[1] for t in tasks)
+    m = tasks[0]["masks"].shape[0]
+    feats = []
+    for t in tasks:
+        phi = family(t, name).reshape(t["masks"].shape[1], -1)
+        share = phi / phi.sum(dim=0, keepdim=True).clamp_min(1e-12)
+        feats.append(torch.cat([phi, share, t["source_lengths"].float().log1p()[:, None]], dim=1))
+    x = torch.zeros(len(tasks), s_max, feats[0].shape[1])
+    signs = torch.zeros(len(tasks), m, s_max)
+    y = torch.zeros(len(tasks), m)
+    for i, (t, f) in enumerate(zip(tasks, feats, strict=True)):
+        x[i, : f.shape[0]] = f
+        signs[i, :, : f.shape[0]] = t["masks"].float() * 2 - 1
+        yc = t["outputs"] - t["outputs"].mean()
+        y[i] = yc / yc.norm().clamp_min(1e-12)
+    return x, signs, y
+
+
+def mlp_cross_task(tasks: list[dict], name: str, *, hidden: int = 64, steps: int = 1500, seed: int = 0) -> dict:
+    """A small per-source MLP scorer trained with AT2's loss (minus Pearson over each task's masks)."""
+    torch.manual_seed(seed)
+    train = [t for t in tasks if not is_validation(t["meta"]["index"])]
+    val = [t for t in tasks if is_validation(t["meta"]["index"])]
+    x, signs, y = _padded(train, name)
+    mu, sd = x.reshape(-1, x.shape[-1]).mean(0), x.reshape(-1, x.shape[-1]).std(0).clamp_min(1e-6)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(x.shape[-1], hidden), torch.nn.GELU(), torch.nn.Dropout(0.1), torch.nn.Linear(hidden, 1)
+    )
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-2)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, x.shape[0], (128,), generator=gen)
+        score = net((x[idx] - mu) / sd)[..., 0]
+        pred = torch.einsum("bms,bs->bm", signs[idx], score)
+        pred = pred - pred.mean(1, keepdim=True)
+        loss = -((pred * y[idx]).sum(1) / pred.norm(dim=1).clamp_min(1e-12)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    xv, sv, _ = _padded(val, name)
+    with torch.no_grad():
+        pv = torch.einsum("bms,bs->bm", sv, net((xv - mu) / sd)[..., 0]).numpy()
+    out: dict[str, list[float]] = {"all": []}
+    for i, t in enumerate(val):
+        score = spearman(pv[i], t["outputs"].numpy())
+        if not np.isnan(score):
+            out["all"].append(score)
+            out.setdefault(t["meta"]["kind"], []).append(score)
+    return {k: float(np.mean(v)) for k, v in out.items()}
+
+
 FAMILIES = [
     "sum.uniform", "mean.uniform", "max.uniform", "sum.surprisal", "sum.entropy",
     "vsum.uniform", "vsum.surprisal", "vsum.entropy", "sum_renorm.uniform", "sum_renorm.surprisal",
@@ -124,7 +185,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True)
     ap.add_argument("--families", default=",".join(FAMILIES))
-    ap.add_argument("--signed", action="store_true", help="also train unconstrained (signed) weights")
+    ap.add_argument("--signed-families", default="", help="families to also train with unconstrained (signed) weights")
+    ap.add_argument("--mlp", default="", help="comma-separated families to also score with a per-source MLP")
     ap.add_argument("--out", default=None, help="write the markdown table here")
     args = ap.parse_args()
     tasks = load_study(Path(args.data))
@@ -140,8 +202,7 @@ def main() -> None:
     )
     rows = []
     variants = [(f, True) for f in args.families.split(",")]
-    if args.signed:
-        variants += [(f, False) for f in args.families.split(",")]
+    variants += [(f, False) for f in filter(None, args.signed_families.split(","))]
     for name, nonneg in variants:
         ins, hos = zip(*(oracle(t, name) for t in tasks), strict=True)
         ct = cross_task(tasks, name, non_negative=nonneg)
@@ -151,6 +212,13 @@ def main() -> None:
             + " | ".join(f"{ct.get(k, float('nan')):.3f}" for k in kinds)
             + " |"
         )
+        print(row, flush=True)
+        rows.append(row)
+    for name in filter(None, args.mlp.split(",")):
+        ct = mlp_cross_task(tasks, name)
+        row = f"| MLP over {name} (+ share, length) | – | – | {ct['all']:.3f} | " + " | ".join(
+            f"{ct.get(k, float('nan')):.3f}" for k in kinds
+        ) + " |"
         print(row, flush=True)
         rows.append(row)
     table = head + "\n".join(rows) + "\n"

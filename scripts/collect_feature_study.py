@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 from pathlib import Path
 from typing import Any
 
@@ -34,42 +33,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SQUAD = ROOT.parent / "shared" / "data" / "squad_v2" / "dev_subset.json"
 FAMILIES = ("sum", "max", "vsum", "sum_renorm")
 WEIGHTINGS = ("uniform", "surprisal", "entropy")
-N_HARD_MULTI = 200
-N_COMPOUND = 120
 
 
 def build_all_tasks(squad: Path) -> list[tuple[str, Any]]:
-    """``(kind, task)`` pairs: the store's 575 v2 tasks, then harder multi-document and two-question tasks."""
-    from collect_smollm2 import build_tasks  # the estimator store's fixed task list (scripts/ is on sys.path)
+    """``(kind, task)`` pairs of the estimator store's task list (v3; ``scripts/collect_smollm2.py``)."""
+    from collect_smollm2 import build_task_kinds  # scripts/ is on sys.path when a script here runs
 
-    from at2_lens.evaluation.squad import is_held_out
-    from at2_lens.tasks import ContextTask
-    from at2_lens.tasks.loaders import multi_document_tasks, squad_records
-
-    base = [("store_v2", t) for t in build_tasks(squad)]
-    everything = squad_records(squad)
-    held_contexts = {r["context"] for r in everything if is_held_out(r["id"])}
-    records = [r for r in everything if r["context"] not in held_contexts]
-    # 8-20 sentence sources: the question's paragraph among 4-6 three-sentence snippets of other articles.
-    rng = random.Random(3)
-    hard = []
-    for i in range(N_HARD_MULTI):
-        hard += multi_document_tasks(records, 1, n_distractors=rng.randint(4, 6), distractor_sentences=3, seed=100 + i)
-    # Answers that need two sentences: two questions about two paragraphs of different articles, plus a distractor.
-    compound = []
-    by_title: dict[str, list[dict[str, Any]]] = {}
-    for r in records:
-        by_title.setdefault(r["title"], []).append(r)
-    titles = sorted(by_title)
-    for _ in range(N_COMPOUND):
-        a, b, c = rng.sample(titles, 3)
-        ra, rb = rng.choice(by_title[a]), rng.choice(by_title[b])
-        distract = rng.choice(by_title[c])["context"]
-        docs = [ra["context"], rb["context"], distract]
-        rng.shuffle(docs)
-        query = f"Answer both questions briefly. 1) {ra['question']} 2) {rb['question']}"
-        compound.append(ContextTask(context=docs, query=query, sources="sentence"))
-    return base + [("hard_multidoc", t) for t in hard] + [("two_questions", t) for t in compound]
+    return build_task_kinds(squad)
 
 
 @torch.no_grad()
