@@ -13,12 +13,19 @@ import pytest
 import torch
 from captum.attr import Attribution
 
-from at2_lens.at2.ablation import mask_mode_outputs, random_masks, removal_builder, remove_mode_outputs, token_keep
+from at2_lens.ablation import (
+    extract_features,
+    mask_mode_outputs,
+    output_from_logprob,
+    random_masks,
+    removal_builder,
+    remove_mode_outputs,
+    span_output,
+    token_keep,
+)
 from at2_lens.at2.attribution import AT2Attribution
 from at2_lens.at2.collect import collect
 from at2_lens.at2.estimator import LinearEstimator, model_fingerprint
-from at2_lens.at2.features import extract_features
-from at2_lens.at2.outputs import output_from_logprob, span_output
 from at2_lens.at2.training import train_estimator
 from at2_lens.backends import get_backend
 from at2_lens.errors import EstimatorFileError, InputError
@@ -114,7 +121,7 @@ def test_attribution_is_a_captum_class_and_reuses_the_pass(tiny_llama: object) -
     res = at2.attribute(_task())
     assert res.scores.shape == (6,) and at2.forward_passes == 1
     # Uniform weights: the score is average attention over all heads.
-    tt = res.extra["task"]
+    tt = res.task
     fpass = extract_features(tiny_llama, tt.input_ids, list(tt.source_token_ranges), tt.target_token_range)
     torch.testing.assert_close(res.scores, fpass.features().mean(dim=(1, 2)), atol=1e-6, rtol=0)
     # A sub-span of the same response: no new forward pass, and the per-token scores average to the span's.
@@ -131,7 +138,7 @@ def test_attribution_is_a_captum_class_and_reuses_the_pass(tiny_llama: object) -
 def test_attribution_generates_the_response_greedily(tiny_llama: object) -> None:
     at2 = AT2Attribution(tiny_llama)
     res = at2.attribute(_task(response=None), max_new_tokens=6)
-    tt = res.extra["task"]
+    tt = res.task
     b = get_backend(tiny_llama)
     expected = b.generate_greedy(tt.input_ids[: tt.prompt_len], max_new_tokens=6)
     assert torch.equal(tt.input_ids[tt.prompt_len :], expected)
