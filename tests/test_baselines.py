@@ -47,6 +47,7 @@ def _check(result: SourceAttribution, task: TokenizedTask, forward: int, backwar
     assert result.scores.shape == (task.n_sources,)
     assert torch.isfinite(result.scores).all()
     assert result.extra["forward_passes"] == forward and result.extra["backward_passes"] == backward
+    assert result.task is not None and result.task.source_spans == task.source_spans
 
 
 @pytest.mark.parametrize(

@@ -176,8 +176,8 @@ def evaluate(
     if not tasks:
         raise InputError("tasks: expected at least one task")
     metric_list = resolve_metrics(metrics)
-    ids = list(range(len(tasks))) if task_ids is None else [int(i) for i in task_ids]
-    if len(ids) != len(tasks) or len(set(ids)) != len(ids) or any(i < 0 for i in ids):
+    ids = list(range(len(tasks))) if task_ids is None else [check_int("task_ids", i, minimum=0) for i in task_ids]
+    if len(ids) != len(tasks) or len(set(ids)) != len(ids):
         raise InputError(f"task_ids: expected {len(tasks)} distinct non-negative integers, one per task, got {ids}")
     mode = check_mode(mode)
     output = check_output_type(output)

@@ -24,6 +24,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from at2_lens._validate import check_optional_int
 from at2_lens.errors import InputError
 from at2_lens.tasks.sources import (
     DEFAULT_SEPARATOR,
@@ -382,8 +383,7 @@ class ContextTask:
             response: overrides ``self.response``: text, or the exact generated token ids.
             max_length: the model's context size (``n_ctx``); longer inputs raise InputError.
         """
-        if max_length is not None and (not _is_int(max_length) or max_length <= 0):
-            raise InputError(f"max_length: expected a positive int, got {max_length!r}")
+        check_optional_int("max_length", max_length)
         resp = response if response is not None else self.response
         _check_special_tokens(
             tokenizer, context=self.context_text, query=self.query, system_prompt=self.system_prompt or ""
