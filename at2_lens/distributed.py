@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from at2_lens._validate import check_int, check_positive
 from at2_lens.errors import InputError
 
 DEFAULT_TIMEOUT_S = 24 * 3600.0  # a barrier waits for the slowest shard of a long collection
@@ -61,16 +62,11 @@ class DataParallel:
         self.world_size = _env_int(env, "WORLD_SIZE", 1)
         self.rank = _env_int(env, "RANK", 0)
         self.local_rank = _env_int(env, "LOCAL_RANK", self.rank if self.world_size > 1 else 0)
-        if self.world_size < 1:
-            raise InputError(f"environment variable WORLD_SIZE: expected >= 1, got {self.world_size}")
-        if not 0 <= self.rank < self.world_size:
-            raise InputError(f"environment variable RANK: expected 0 <= RANK < WORLD_SIZE={self.world_size}, "
-                             f"got {self.rank}")
-        if self.local_rank < 0:
-            raise InputError(f"environment variable LOCAL_RANK: expected >= 0, got {self.local_rank}")
-        if not isinstance(timeout_s, int | float) or isinstance(timeout_s, bool) or timeout_s <= 0:
-            raise InputError(f"timeout_s: expected a positive number of seconds, got {timeout_s!r}")
-        self.timeout_s = float(timeout_s)
+        check_int("environment variable WORLD_SIZE", self.world_size)
+        check_int(f"environment variable RANK (WORLD_SIZE={self.world_size})", self.rank, minimum=0,
+                  maximum=self.world_size - 1)
+        check_int("environment variable LOCAL_RANK", self.local_rank, minimum=0)
+        self.timeout_s = check_positive("timeout_s (seconds)", timeout_s)
         self._env = env
         self._store: Any = None
         self._generation = 0
@@ -132,8 +128,7 @@ class DataParallel:
     # --- sharding and placement ---------------------------------------------------------------------------------
     def shard(self, n_tasks: int) -> list[int]:
         """The task indices in ``range(n_tasks)`` this rank handles: ``i % world_size == rank``."""
-        if isinstance(n_tasks, bool) or not isinstance(n_tasks, int) or n_tasks < 0:
-            raise InputError(f"n_tasks: expected an integer >= 0, got {n_tasks!r}")
+        check_int("n_tasks", n_tasks, minimum=0)
         return list(range(self.rank, n_tasks, self.world_size))
 
     def compose(self, shard_index: int, shard_count: int) -> tuple[int, int]:
@@ -143,11 +138,8 @@ class DataParallel:
         ``shard_index + shard_count * rank`` of ``shard_count * world_size``: the ``i % count`` rule then assigns
         every task to exactly one process of exactly one job.
         """
-        for name, value, low in (("shard_count", shard_count, 1), ("shard_index", shard_index, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise InputError(f"{name}: expected an integer >= {low}, got {value!r}")
-        if shard_index >= shard_count:
-            raise InputError(f"shard_index: expected 0 <= shard_index < shard_count={shard_count}, got {shard_index}")
+        check_int("shard_count", shard_count)
+        check_int(f"shard_index (shard_count={shard_count})", shard_index, minimum=0, maximum=shard_count - 1)
         return shard_index + shard_count * self.rank, shard_count * self.world_size
 
     def device(self, choice: str = "auto") -> torch.device:

@@ -23,7 +23,9 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from at2_lens._typing import typechecked
+from at2_lens._validate import check_int
 from at2_lens.errors import InputError
+from at2_lens.ranking import top_k
 
 __all__ = ["ablate_heads_hooks", "heads_from_mask", "top_heads"]
 
@@ -43,15 +45,11 @@ def top_heads(scores: Float[Tensor, "layer head"], k: int, *, largest: bool = Tr
     Ties are broken by ``(layer, head)`` order. ``scores`` is any ``[layer, head]`` tensor: AT2 head weights,
     AttAttr head importance, or your own.
     """
-    n = scores.numel()
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
-        raise InputError(f"k: expected an int in [1, {n}], got {k!r}")
+    check_int("k", k, maximum=scores.numel())
     if not torch.isfinite(scores).all():
         raise InputError("scores: contains NaN or inf")
-    flat = scores.detach().float().reshape(-1).cpu()
-    order = torch.sort(-flat if largest else flat, stable=True).indices[:k]
     n_heads = scores.shape[1]
-    return [(int(i) // n_heads, int(i) % n_heads) for i in order]
+    return [(i // n_heads, i % n_heads) for i in top_k(scores.float(), k, largest=largest)]
 
 
 @typechecked

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from einops import einsum, repeat
 from jaxtyping import Bool, Float
 from torch import Tensor
 
@@ -77,20 +78,24 @@ def pattern_at_hook_pattern(transform: PatternTransform) -> HookFn:
     return hook
 
 
+def _query_heads(x: Tensor, n_heads: int) -> Tensor:
+    """Grouped key/value heads ``[batch, pos, kv_head, d]`` repeated to the ``n_heads`` query heads (each kv head
+    serves a contiguous group of query heads)."""
+    if x.shape[2] == n_heads:
+        return x
+    return repeat(x, "batch pos kv_head d -> batch pos (kv_head group) d", group=n_heads // x.shape[2])
+
+
 def z_from_pattern(pattern: Tensor, v: Tensor) -> Tensor:
     """``z[b, q, h, :] = Σ_k A[b, h, q, k] · v[b, k, h, :]``, repeating grouped key/value heads to query heads."""
-    n_heads = pattern.shape[1]
-    if v.shape[2] != n_heads:
-        v = v.repeat_interleave(n_heads // v.shape[2], dim=2)
-    return torch.einsum("bhqk,bkhd->bqhd", pattern, v.to(pattern.dtype))
+    v = _query_heads(v, pattern.shape[1]).to(pattern.dtype)
+    return einsum(pattern, v, "batch head query key, batch key head d -> batch query head d")
 
 
 def pattern_from_qk(q: Tensor, k: Tensor, causal: bool, key_mask: Tensor | None = None) -> Tensor:
     """Softmax attention ``softmax(q·kᵀ/√d + masks)`` from ``hook_q``/``hook_k`` (no rotary positions)."""
-    n_heads = q.shape[2]
-    if k.shape[2] != n_heads:
-        k = k.repeat_interleave(n_heads // k.shape[2], dim=2)
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / q.shape[-1] ** 0.5
+    k = _query_heads(k, q.shape[2])
+    scores = einsum(q, k, "batch query head d, batch key head d -> batch head query key") / q.shape[-1] ** 0.5
     n_q, n_k = scores.shape[-2:]
     if causal:
         future = torch.triu(torch.ones(n_q, n_k, dtype=torch.bool, device=scores.device), diagonal=1)

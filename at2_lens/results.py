@@ -1,8 +1,12 @@
 """The result of a source attribution: scores per source, with a table, the top-k and a highlighted view.
 
-Every context-attribution method of at2_lens (AT2, its baselines) returns this type, so results compare and
-render the same way: ``to_dataframe()`` for analysis, ``top_k()`` for a quick look, ``_repr_html_`` in a
-notebook and ``__rich__`` in a terminal.
+Every context-attribution method of at2_lens (AT2, its baselines) returns this type, built the same way by
+:meth:`SourceAttribution.from_task`, so results compare and render the same way: ``to_dataframe()`` for analysis,
+``top_k()`` for a quick look, ``_repr_html_`` in a notebook and ``__rich__`` in a terminal.
+
+Cost contract: ``extra["forward_passes"]`` and ``extra["backward_passes"]`` are the passes of the ``attribute``
+call that made the result (sequences through the model; a batch of 8 counts 8), so a call served from a cache
+reports 0.
 """
 
 from __future__ import annotations
@@ -15,13 +19,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from at2_lens._validate import check_int
 from at2_lens.errors import InputError, NumericalError
+from at2_lens.ranking import rank
+from at2_lens.tasks import Span, TokenizedTask
 
 if TYPE_CHECKING:
     import pandas as pd
     from rich.text import Text
-
-Span = tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -36,7 +41,8 @@ class SourceAttribution:
         token_scores: optional ``[target token, source]`` scores, one row per target token.
         target_tokens: the target's tokens (as strings) when ``token_scores`` is given.
         method: which method produced the scores; ``units`` what the scores mean.
-        extra: method-specific details (e.g. the estimator's name, the cost in forward passes).
+        extra: the cost of the call (``forward_passes``, ``backward_passes``) and method-specific details.
+        task: the tokenized task the scores belong to (prompt, response, token ranges), when known.
     """
 
     scores: Float[Tensor, " source"]
@@ -50,6 +56,43 @@ class SourceAttribution:
     token_scores: Float[Tensor, "target source"] | None = None
     target_tokens: tuple[str, ...] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    task: TokenizedTask | None = None
+
+    @classmethod
+    def from_task(
+        cls,
+        task: TokenizedTask,
+        scores: Tensor,
+        *,
+        method: str,
+        units: str,
+        forward_passes: int,
+        backward_passes: int = 0,
+        token_scores: Tensor | None = None,
+        target_tokens: tuple[str, ...] | None = None,
+        **extra: Any,
+    ) -> SourceAttribution:
+        """The result of one ``attribute`` call on ``task``: what every method returns.
+
+        ``forward_passes`` / ``backward_passes`` are this call's own (see the module docstring); ``extra`` holds
+        them and any method-specific details given as keywords.
+        """
+        if task.response is None or task.target_text is None:
+            raise InputError("task: a result needs a tokenized task with a response (a target)")
+        return cls(
+            scores=scores.detach().float().cpu(),
+            source_texts=task.source_texts,
+            source_spans=task.source_spans,
+            context=task.context,
+            target_text=task.target_text,
+            response=task.response,
+            method=method,
+            units=units,
+            token_scores=None if token_scores is None else token_scores.detach().float().cpu(),
+            target_tokens=target_tokens,
+            extra={"forward_passes": int(forward_passes), "backward_passes": int(backward_passes), **extra},
+            task=task,
+        )
 
     def __post_init__(self) -> None:
         n = len(self.source_texts)
@@ -64,12 +107,11 @@ class SourceAttribution:
 
     def ranking(self) -> list[int]:
         """Source indices from highest to lowest score (ties broken by position)."""
-        return sorted(range(self.n_sources), key=lambda i: (-float(self.scores[i]), i))
+        return rank(self.scores)
 
     def top_k(self, k: int = 5) -> list[tuple[int, str, float]]:
         """The ``k`` highest-scoring sources as ``(index, text, score)``."""
-        if k < 1:
-            raise InputError(f"k: expected >= 1, got {k}")
+        check_int("k", k)
         return [(i, self.source_texts[i], float(self.scores[i])) for i in self.ranking()[:k]]
 
     def to_dataframe(self) -> pd.DataFrame:

@@ -31,14 +31,14 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
-from at2_lens.at2.attribution import AT2Attribution, prepare_task  # noqa: E402
+from at2_lens.ablation import ablation_fn  # noqa: E402
+from at2_lens.at2.attribution import AT2Attribution  # noqa: E402
 from at2_lens.at2.estimator import weights_sha256  # noqa: E402
 from at2_lens.backends import get_backend  # noqa: E402
 from at2_lens.baselines import AverageAttention  # noqa: E402
-from at2_lens.baselines._common import ablation_fn  # noqa: E402
+from at2_lens.context_pruning import prune_context, top_k_mask  # noqa: E402
 from at2_lens.evaluation.squad import squad_split_records  # noqa: E402
-from at2_lens.pruning import prune_context, top_k_mask  # noqa: E402
-from at2_lens.tasks import ContextTask  # noqa: E402
+from at2_lens.tasks import ContextTask, prepare_task  # noqa: E402
 
 from _resume import load_partial, save_partial  # noqa: E402
 

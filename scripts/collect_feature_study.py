@@ -45,7 +45,7 @@ def build_all_tasks(squad: Path) -> list[tuple[str, Any]]:
 @torch.no_grad()
 def feature_families(backend: Any, ids: torch.Tensor, sources: list[tuple[int, int]], target: tuple[int, int]) -> dict:
     """Per-row attention features of every family, and each target token's log-prob and entropy, in one pass."""
-    from at2_lens.at2.features import membership, query_rows
+    from at2_lens.ablation import membership, query_rows
 
     n = ids.shape[-1]
     member = membership(sources, n).to(backend.device)
@@ -100,10 +100,8 @@ def row_weights(token_logprobs: torch.Tensor, entropy: torch.Tensor) -> dict[str
 
 
 def collect_one(backend: Any, kind: str, task: Any, index: int, n_masks: int, batch_size: int) -> dict:
-    from at2_lens.at2.ablation import mask_mode_outputs
-    from at2_lens.at2.attribution import prepare_task
-    from at2_lens.at2.outputs import output_from_logprob
-    from at2_lens.at2.store import random_masks
+    from at2_lens.ablation import mask_mode_outputs, output_from_logprob, random_masks
+    from at2_lens.tasks import prepare_task
 
     tt = prepare_task(backend, task, 32)
     sources = list(tt.source_token_ranges)

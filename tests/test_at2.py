@@ -13,16 +13,23 @@ import pytest
 import torch
 from captum.attr import Attribution
 
-from at2_lens.at2.ablation import mask_mode_outputs, random_masks, removal_builder, remove_mode_outputs, token_keep
+from at2_lens.ablation import (
+    extract_features,
+    mask_mode_outputs,
+    output_from_logprob,
+    random_masks,
+    removal_builder,
+    remove_mode_outputs,
+    span_output,
+    token_keep,
+)
 from at2_lens.at2.attribution import AT2Attribution
 from at2_lens.at2.collect import collect
 from at2_lens.at2.estimator import LinearEstimator, model_fingerprint
-from at2_lens.at2.features import extract_features
-from at2_lens.at2.outputs import output_from_logprob, span_output
 from at2_lens.at2.training import train_estimator
 from at2_lens.backends import get_backend
 from at2_lens.errors import EstimatorFileError, InputError
-from at2_lens.tasks import ContextTask
+from at2_lens.tasks import ContextTask, TokenizedTask
 
 CONTEXT = [
     "The cat sat on the mat. Dogs bark loudly at night.",
@@ -113,13 +120,16 @@ def test_attribution_is_a_captum_class_and_reuses_the_pass(tiny_llama: object) -
     assert isinstance(at2, Attribution) and not at2.has_convergence_delta()
     res = at2.attribute(_task())
     assert res.scores.shape == (6,) and at2.forward_passes == 1
+    assert res.extra["forward_passes"] == 1 and res.extra["backward_passes"] == 0
+    assert isinstance(res.task, TokenizedTask) and res.task.response == "The answer is here."
     # Uniform weights: the score is average attention over all heads.
-    tt = res.extra["task"]
+    tt = res.task
     fpass = extract_features(tiny_llama, tt.input_ids, list(tt.source_token_ranges), tt.target_token_range)
     torch.testing.assert_close(res.scores, fpass.features().mean(dim=(1, 2)), atol=1e-6, rtol=0)
     # A sub-span of the same response: no new forward pass, and the per-token scores average to the span's.
     sub = at2.attribute(tt, target=(4, 10), per_token=True)
     assert at2.forward_passes == 1
+    assert sub.extra["forward_passes"] == 0  # each result reports its own call's passes
     assert sub.target_text == "answer"
     torch.testing.assert_close(sub.token_scores.mean(0), sub.scores, atol=1e-6, rtol=0)
     df = res.to_dataframe()
@@ -131,7 +141,7 @@ def test_attribution_is_a_captum_class_and_reuses_the_pass(tiny_llama: object) -
 def test_attribution_generates_the_response_greedily(tiny_llama: object) -> None:
     at2 = AT2Attribution(tiny_llama)
     res = at2.attribute(_task(response=None), max_new_tokens=6)
-    tt = res.extra["task"]
+    tt = res.task
     b = get_backend(tiny_llama)
     expected = b.generate_greedy(tt.input_ids[: tt.prompt_len], max_new_tokens=6)
     assert torch.equal(tt.input_ids[tt.prompt_len :], expected)
@@ -200,6 +210,14 @@ def test_collection_killed_with_sigkill_resumes_to_identical_files(tmp_path: Pat
     assert clean_files == killed_files
     for rel in clean_files:
         assert (tmp_path / "clean" / rel).read_bytes() == (killed / rel).read_bytes(), f"{rel} differs"
+
+
+def test_for_model_falls_back_to_uniform_weights(tiny_llama: object, tmp_path: Path) -> None:
+    at2 = AT2Attribution.for_model(tiny_llama)  # no estimator ships for the tiny model
+    assert at2.uses_uniform_weights and at2.estimator.training is None
+    fp = model_fingerprint(get_backend(tiny_llama))
+    given = AT2Attribution.for_model(tiny_llama, LinearEstimator(torch.rand(2, 4), model_fingerprint=fp))
+    assert not given.uses_uniform_weights
 
 
 def test_public_names_and_load_estimator(tiny_llama: object, tmp_path: Path) -> None:

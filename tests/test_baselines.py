@@ -10,9 +10,8 @@ import pytest
 import torch
 from captum.attr import Attribution, GradientAttribution, PerturbationAttribution
 
-from at2_lens.at2.ablation import mask_mode_outputs, random_masks, removal_builder, remove_mode_outputs
+from at2_lens.ablation import mask_mode_outputs, random_masks, removal_builder, remove_mode_outputs, span_output
 from at2_lens.at2.attribution import AT2Attribution
-from at2_lens.at2.outputs import span_output
 from at2_lens.backends import get_backend
 from at2_lens.baselines import (
     AverageAttention,
@@ -48,6 +47,7 @@ def _check(result: SourceAttribution, task: TokenizedTask, forward: int, backwar
     assert result.scores.shape == (task.n_sources,)
     assert torch.isfinite(result.scores).all()
     assert result.extra["forward_passes"] == forward and result.extra["backward_passes"] == backward
+    assert result.task is not None and result.task.source_spans == task.source_spans
 
 
 @pytest.mark.parametrize(

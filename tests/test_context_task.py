@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from at2_lens.errors import InputError
-from at2_lens.tasks import ContextTask, TargetSpan, TokenizedTask, assign_tokens
+from at2_lens.tasks import ContextTask, TargetSpan, TokenizedTask, as_target_span, assign_tokens
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
@@ -339,6 +339,17 @@ def test_target_span_validation() -> None:
         TargetSpan(0.5, 2)  # type: ignore[arg-type]
 
 
+def test_as_target_span_is_the_one_coercion() -> None:
+    assert as_target_span(None) is None
+    span = TargetSpan(1, 3, "token")
+    assert as_target_span(span, "char") is span
+    assert as_target_span((2, 5)) == TargetSpan(2, 5, "char")
+    assert as_target_span([0, 4], "token") == TargetSpan(0, 4, "token")
+    for bad in ["0:4", (1, 2, 3), 7]:
+        with pytest.raises(InputError, match=r"^target: expected None, a TargetSpan or a \(start, end\) pair"):
+            as_target_span(bad)  # type: ignore[arg-type]
+
+
 def test_validation_at_tokenize(byte_tok: Any) -> None:
     task = ContextTask(CTX, "Q?", response="short")
     tt = task.tokenize(byte_tok)
@@ -347,7 +358,7 @@ def test_validation_at_tokenize(byte_tok: Any) -> None:
     assert task.tokenize(byte_tok, max_length=tt.seq_len).seq_len == tt.seq_len
     with pytest.raises(InputError, match=rf"^max_length: prompt \({tt.prompt_len} tokens\) exceeds max_length=10"):
         task.tokenize(byte_tok, max_length=10)
-    with pytest.raises(InputError, match=r"^max_length: expected a positive int"):
+    with pytest.raises(InputError, match=r"^max_length: expected None or an integer >= 1"):
         task.tokenize(byte_tok, max_length=0)
     with pytest.raises(InputError, match=r"^target: token span \(0, 99\) lies outside the response \(5 tokens\)"):
         tt.with_target(token_range=(0, 99))

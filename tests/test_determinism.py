@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from at2_lens.at2.attribution import AT2Attribution, prepare_task
+from at2_lens.ablation import extract_features, random_masks
+from at2_lens.at2.attribution import AT2Attribution
 from at2_lens.at2.collect import collect
-from at2_lens.at2.features import extract_features
-from at2_lens.at2.store import AblationStore, random_masks, shard_indices
+from at2_lens.at2.store import AblationStore, shard_indices
 from at2_lens.at2.training import train_estimator
 from at2_lens.backends import get_backend
 from at2_lens.baselines import LeaveOneOut
 from at2_lens.evaluation.runner import evaluate
-from at2_lens.tasks import ContextTask
+from at2_lens.tasks import ContextTask, prepare_task
 
 N_TASKS = 6
 

@@ -15,9 +15,8 @@ import pytest
 import torch
 from scipy.spatial.distance import jensenshannon
 
-from at2_lens.at2.ablation import mask_mode_outputs, random_masks
+from at2_lens.ablation import ground_truth, mask_mode_outputs, random_masks, span_output
 from at2_lens.at2.attribution import AT2Attribution
-from at2_lens.at2.outputs import span_output
 from at2_lens.backends import get_backend
 from at2_lens.baselines import AverageAttention, ContextCite, GradientXInput, LeaveOneOut
 from at2_lens.cli.evaluate import add_evaluate_parser, cmd_evaluate
@@ -27,19 +26,18 @@ from at2_lens.evaluation.metrics import (
     adversarial_attention,
     attention_permutation_check,
     context_key_positions,
-    ground_truth,
     jensen_shannon,
     kendall_tau,
     lds_score,
     permute_keys,
     predicted_outputs,
-    top_k_indices,
     topk_drop,
     topk_drop_from,
     topk_kendall_tau,
 )
 from at2_lens.evaluation.runner import evaluate, markdown_table, resolve_metrics, summarize
 from at2_lens.evaluation.squad import is_held_out, squad_split
+from at2_lens.ranking import top_k
 from at2_lens.tasks import ContextTask, TokenizedTask
 from tests.conftest import shared_data
 
@@ -92,7 +90,7 @@ def test_topk_drop_on_a_toy_where_the_important_sources_are_known() -> None:
     bad = topk_drop_from(ablate, -v, ks=(1, 2))  # ranks the useless sources first
     assert bad == {1: 0.0, 2: 0.0}
     assert math.isnan(topk_drop_from(ablate, v, ks=(6,), full=6.0)[6])  # k above the number of sources
-    assert top_k_indices([1.0, 3.0, 3.0, 0.0], 2) == [1, 2]  # ties broken by position
+    assert top_k([1.0, 3.0, 3.0, 0.0], 2) == [1, 2]  # ties broken by position
 
 
 def test_kendall_tau_on_known_rankings() -> None:
@@ -102,7 +100,7 @@ def test_kendall_tau_on_known_rankings() -> None:
     assert math.isnan(kendall_tau([1, 1, 1], [1, 2, 3]))
     # Top-2 variant: union of the top-2 of each = {0, 1, 2}; on it the orders are (3,2,1) vs (2,3,1): tau 1/3.
     a, b = [3.0, 2.0, 1.0, 0.0, -1.0], [2.0, 3.0, 1.5, 5.0, -9.0]
-    assert top_k_indices(b, 2) == [3, 1]
+    assert top_k(b, 2) == [3, 1]
     assert topk_kendall_tau(a, b, 2) == pytest.approx(kendall_tau([3, 2, 0], [2, 3, 5]))
     assert topk_kendall_tau(a, a, 2) == pytest.approx(1.0)
 

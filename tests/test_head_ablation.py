@@ -83,8 +83,8 @@ def test_top_at2_heads_ablation_on_smollm2(smollm2: Any) -> None:
     masking their attention patterns does."""
     import at2_lens
     from at2_lens import AT2Attribution, ContextTask
-    from at2_lens.at2.attribution import prepare_task
-    from at2_lens.at2.outputs import span_output
+    from at2_lens.ablation import span_output
+    from at2_lens.tasks import prepare_task
 
     at2 = AT2Attribution(smollm2, estimator=at2_lens.load_estimator())
     weights = at2.head_weights

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from at2_lens.at2.ablation import mask_mode_outputs
+from at2_lens.ablation import mask_mode_outputs
 from at2_lens.at2.attribution import AT2Attribution
 from at2_lens.at2.collect import collect
 from at2_lens.at2.estimator import load_estimator_file, model_fingerprint

@@ -9,11 +9,12 @@ import pytest
 import torch
 from scipy.stats import pearsonr, spearmanr
 
+from at2_lens.ablation import random_masks
 from at2_lens.at2.estimator import LinearEstimator, load_estimator_file
-from at2_lens.at2.store import AblationExample, AblationStore, StoreSettings, random_masks
+from at2_lens.at2.store import AblationExample, AblationStore, StoreSettings
 from at2_lens.at2.training import _neg_pearson_loss, train_estimator, train_from_store
 from at2_lens.errors import InputError
-from at2_lens.metrics import lds, lds_per_example, mean_ignoring_nan, pearson, spearman
+from at2_lens.evaluation.correlation import lds, lds_per_example, mean_ignoring_nan, pearson, spearman
 
 L, H = 3, 4
 FAST = {"steps": 200, "lr": 1e-2, "batch_size": 64, "progress": False, "num_threads": 1}

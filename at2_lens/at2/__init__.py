@@ -1,7 +1,7 @@
-"""AT2, "Learning to Attribute with Attention" (Cohen-Wang, Chuang, Madry, 2025).
+"""AT2, "Learning to Attribute with Attention" (Cohen-Wang, Chuang, Madry, 2025): the method only.
 
-How things are attributed, split by step: ``features`` (per-head attention read by hooks), ``ablation`` (ground
-truth by ablating sources), ``store`` (resumable on-disk collection), ``collect`` (the loop), ``training`` (the
-Pearson-correlation trainer), ``estimator`` (weights + metadata files) and ``attribution`` (the Captum class).
-What is attributed lives in ``at2_lens.tasks``.
+``attribution`` (the Captum class ``AT2Attribution``), ``estimator`` (the per-head weights and their file format),
+``pretrained`` (estimators shipped with the package), ``collect`` (the resumable collection loop), ``store`` (its
+on-disk examples) and ``training`` (the Pearson-correlation trainer). The engine it runs on (keep-masks, ablation
+modes, target outputs, attention features) is :mod:`at2_lens.ablation`; what is attributed is :mod:`at2_lens.tasks`.
 """

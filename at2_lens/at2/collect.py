@@ -16,21 +16,21 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from at2_lens.at2.ablation import (
+from at2_lens.ablation import (
     AblationMode,
+    OutputType,
+    ablation_fn,
     check_mode,
-    mask_mode_outputs,
-    removal_builder,
-    remove_mode_outputs,
+    check_output_type,
+    extract_features,
+    output_from_logprob,
+    random_masks,
 )
-from at2_lens.at2.attribution import check_tasks, prepare_task
 from at2_lens.at2.estimator import model_fingerprint
-from at2_lens.at2.features import extract_features
-from at2_lens.at2.outputs import OutputType, check_output_type, output_from_logprob
-from at2_lens.at2.store import AblationExample, AblationStore, StoreSettings, random_masks, shard_indices
+from at2_lens.at2.store import AblationExample, AblationStore, StoreSettings, shard_indices
 from at2_lens.backends import get_backend
 from at2_lens.errors import InputError
-from at2_lens.tasks import ContextTask
+from at2_lens.tasks import ContextTask, check_tasks, prepare_task
 
 
 def collect(
@@ -101,12 +101,8 @@ def collect_example(
     assert fpass.token_logprobs is not None
     masks = random_masks(len(sources), settings.n_masks, settings.keep_prob, seed=settings.seed, index=index)
     output: OutputType = settings.output_type  # type: ignore[assignment]
-    if settings.ablation_mode == "mask":
-        outputs = mask_mode_outputs(
-            backend.model, tt.input_ids, sources, tt.target_token_range, masks, output=output, batch_size=batch_size
-        )
-    else:
-        outputs = remove_mode_outputs(backend.model, removal_builder(backend.tokenizer, tt), masks, output=output)
+    mode: AblationMode = settings.ablation_mode  # type: ignore[assignment]
+    outputs = ablation_fn(backend.model, tt, mode=mode, output=output, batch_size=batch_size)(masks)
     full = output_from_logprob(fpass.token_logprobs.sum(), output)
     meta = {
         "n_sources": len(sources),

@@ -32,11 +32,11 @@ from torch import Tensor
 from at2_lens._io import SafetensorsParseError, atomic_write_bytes, canonical_json, parse_safetensors, read_bytes
 from at2_lens._io import safetensors_bytes as _safetensors_bytes
 from at2_lens._typing import typechecked
+from at2_lens._validate import check_choice, check_int
+from at2_lens.ablation import ABLATION_MODES, OUTPUT_TYPES
 from at2_lens.errors import EstimatorFileError, InputError
 
 FEATURE_LAYOUT = "per_head_mean_target_sum_source"
-ABLATION_MODES = ("mask", "remove")
-OUTPUT_TYPES = ("logit_prob", "log_prob")
 ESTIMATOR_FORMAT = "at2_lens.linear_estimator"
 ESTIMATOR_FORMAT_VERSION = 1
 ESTIMATOR_META_KEY = "at2_lens_estimator"
@@ -127,10 +127,8 @@ class LinearEstimator:
         w = w.detach().to("cpu", torch.float32).contiguous()
         if not torch.isfinite(w).all():
             raise InputError("weights contain NaN or inf")
-        if self.ablation_mode not in ABLATION_MODES:
-            raise InputError(f"ablation_mode must be one of {ABLATION_MODES}, got {self.ablation_mode!r}")
-        if self.output_type not in OUTPUT_TYPES:
-            raise InputError(f"output_type must be one of {OUTPUT_TYPES}, got {self.output_type!r}")
+        check_choice("ablation_mode", self.ablation_mode, ABLATION_MODES)
+        check_choice("output_type", self.output_type, OUTPUT_TYPES)
         if not isinstance(self.granularity, str) or not self.granularity:
             raise InputError(f"granularity must be a non-empty string, got {self.granularity!r}")
         if self.feature_layout != FEATURE_LAYOUT:
@@ -144,8 +142,8 @@ class LinearEstimator:
     @classmethod
     def uniform(cls, n_layers: int, n_heads: int, **kwargs: Any) -> LinearEstimator:
         """The "average attention" estimator, w = 1/(L·H): AT2's initialisation and its natural baseline."""
-        if n_layers < 1 or n_heads < 1:
-            raise InputError(f"n_layers and n_heads must be >= 1, got {n_layers}, {n_heads}")
+        check_int("n_layers", n_layers)
+        check_int("n_heads", n_heads)
         return cls(torch.full((n_layers, n_heads), 1.0 / (n_layers * n_heads)), **kwargs)
 
     @property

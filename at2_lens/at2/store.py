@@ -51,8 +51,9 @@ from at2_lens._io import (
     read_bytes,
     safetensors_bytes,
 )
-from at2_lens._typing import typechecked
-from at2_lens.at2.estimator import ABLATION_MODES, FEATURE_LAYOUT, OUTPUT_TYPES
+from at2_lens._validate import check_choice, check_fraction, check_int
+from at2_lens.ablation import ABLATION_MODES, OUTPUT_TYPES, random_masks
+from at2_lens.at2.estimator import FEATURE_LAYOUT
 from at2_lens.errors import InputError, StoreError
 
 STORE_FORMAT = "at2_lens.ablation_store"
@@ -64,13 +65,6 @@ MANIFEST_NAME = "store.json"
 EXAMPLES_DIR = "examples"
 _EXAMPLE_RE = re.compile(r"^(\d{8,})\.safetensors$")
 _TENSOR_NAMES = frozenset({"features", "masks", "outputs", "full_output"})
-
-
-def _check_int(name: str, value: Any, *, minimum: int) -> int:
-    """Return ``value`` if it is an int (not bool) >= minimum, else raise InputError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or int(value) < minimum:
-        raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 @dataclass(eq=False)
@@ -91,7 +85,7 @@ class AblationExample:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.index = _check_int("index", self.index, minimum=0)
+        self.index = check_int("index", self.index, minimum=0)
         feats = torch.as_tensor(self.features)
         if feats.ndim != 3 or not feats.is_floating_point():
             raise InputError(f"features must be a float tensor [S, L, H], got {feats.dtype} {tuple(feats.shape)}")
@@ -237,28 +231,10 @@ def read_example(path: Path | str) -> AblationExample:
 
 def shard_indices(n_total: int, shard_index: int, shard_count: int) -> list[int]:
     """The example indices in ``range(n_total)`` that belong to shard ``shard_index`` (``i % shard_count``)."""
-    n_total = _check_int("n_total", n_total, minimum=0)
-    shard_count = _check_int("shard_count", shard_count, minimum=1)
-    shard_index = _check_int("shard_index", shard_index, minimum=0)
-    if shard_index >= shard_count:
-        raise InputError(f"shard_index must be in [0, shard_count={shard_count}), got {shard_index}")
+    n_total = check_int("n_total", n_total, minimum=0)
+    shard_count = check_int("shard_count", shard_count, minimum=1)
+    shard_index = check_int("shard_index", shard_index, minimum=0, maximum=shard_count - 1)
     return list(range(shard_index, n_total, shard_count))
-
-
-@typechecked
-def random_masks(
-    n_sources: int, n_masks: int, keep_prob: float = 0.5, *, seed: int = 0, index: int = 0
-) -> Bool[Tensor, "m s"]:
-    """Deterministic random keep-masks for example ``index``: each source kept with probability ``keep_prob``.
-
-    Seeded from (seed, index) only, so a resumed or sharded collection draws the same masks for the same example.
-    """
-    _check_int("n_sources", n_sources, minimum=1)
-    _check_int("n_masks", n_masks, minimum=1)
-    if not 0.0 < keep_prob < 1.0:
-        raise InputError(f"keep_prob must be in (0, 1), got {keep_prob}")
-    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(index)])))
-    return torch.from_numpy(rng.random((n_masks, n_sources)) < keep_prob)
 
 
 @dataclass(frozen=True)
@@ -280,18 +256,15 @@ class StoreSettings:
     def __post_init__(self) -> None:
         if not isinstance(self.model_fingerprint, dict):
             raise InputError("model_fingerprint must be a dict (see at2_lens.at2.estimator.model_fingerprint)")
-        _check_int("n_layers", self.n_layers, minimum=1)
-        _check_int("n_heads", self.n_heads, minimum=1)
-        _check_int("n_masks", self.n_masks, minimum=1)
-        _check_int("seed", self.seed, minimum=0)
-        if self.ablation_mode not in ABLATION_MODES:
-            raise InputError(f"ablation_mode must be one of {ABLATION_MODES}, got {self.ablation_mode!r}")
-        if self.output_type not in OUTPUT_TYPES:
-            raise InputError(f"output_type must be one of {OUTPUT_TYPES}, got {self.output_type!r}")
+        check_int("n_layers", self.n_layers, minimum=1)
+        check_int("n_heads", self.n_heads, minimum=1)
+        check_int("n_masks", self.n_masks, minimum=1)
+        check_int("seed", self.seed, minimum=0)
+        check_choice("ablation_mode", self.ablation_mode, ABLATION_MODES)
+        check_choice("output_type", self.output_type, OUTPUT_TYPES)
         if not isinstance(self.granularity, str) or not self.granularity:
             raise InputError(f"granularity must be a non-empty string, got {self.granularity!r}")
-        if not isinstance(self.keep_prob, float | int) or not 0.0 < float(self.keep_prob) < 1.0:
-            raise InputError(f"keep_prob must be in (0, 1), got {self.keep_prob!r}")
+        check_fraction("keep_prob", self.keep_prob)
         if self.feature_layout != FEATURE_LAYOUT:
             raise InputError(f"feature_layout must be {FEATURE_LAYOUT!r}, got {self.feature_layout!r}")
         try:
@@ -435,7 +408,7 @@ class AblationStore:
 
     def path_for(self, index: int) -> Path:
         """The file that holds (or will hold) example ``index``."""
-        return self.examples_dir / f"{_check_int('index', index, minimum=0):08d}.safetensors"
+        return self.examples_dir / f"{check_int('index', index, minimum=0):08d}.safetensors"
 
     def has(self, index: int) -> bool:
         """Whether example ``index`` has been written completely."""
@@ -461,7 +434,7 @@ class AblationStore:
     def missing(self, indices: Iterable[int]) -> list[int]:
         """The given indices that are not in the store yet, in the given order (what a resumed run must do)."""
         done = set(self.indices())
-        return [i for i in indices if _check_int("index", i, minimum=0) not in done]
+        return [i for i in indices if check_int("index", i, minimum=0) not in done]
 
     def invalid(self, indices: Iterable[int] | None = None) -> dict[int, str]:
         """Examples whose file exists but is not a complete, valid example of this store: ``{index: reason}``.
@@ -471,7 +444,7 @@ class AblationStore:
         ``indices``: the indices to check (default every file in the store); absent ones are skipped.
         """
         done = set(self.indices())
-        wanted = sorted(done) if indices is None else [i for i in indices if _check_int("index", i, minimum=0) in done]
+        wanted = sorted(done) if indices is None else [i for i in indices if check_int("index", i, minimum=0) in done]
         bad: dict[int, str] = {}
         for i in wanted:
             try:

@@ -26,10 +26,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from at2_lens._typing import typechecked
+from at2_lens._validate import check_fraction, check_int, check_optional_int, check_positive
 from at2_lens.at2.estimator import LinearEstimator
 from at2_lens.at2.store import AblationExample, AblationStore, StoreSettings
 from at2_lens.errors import InputError
-from at2_lens.metrics import lds_per_example, mean_ignoring_nan
+from at2_lens.evaluation.correlation import lds_per_example, mean_ignoring_nan
 
 
 @dataclass
@@ -139,8 +140,7 @@ def split_held_out(
 ) -> tuple[list[AblationExample], list[AblationExample]]:
     """``(train, held_out)``: ``fraction`` of the examples split off deterministically (by ``seed``), the split
     ``train_estimator(held_out=fraction, seed=seed)`` makes."""
-    if not 0.0 < fraction < 1.0:
-        raise InputError(f"held_out as a fraction must be in (0, 1), got {fraction}")
+    check_fraction("held_out", fraction)
     n_ho = max(1, round(len(examples) * fraction))
     if n_ho >= len(examples):
         raise InputError(f"held_out={fraction} leaves no training examples out of {len(examples)}")
@@ -176,21 +176,14 @@ def train_estimator(
     """
     if len(examples) == 0:
         raise InputError("examples must not be empty")
-    if steps < 1:
-        raise InputError(f"steps must be >= 1, got {steps}")
-    if not (math.isfinite(lr) and lr > 0):
-        raise InputError(f"lr must be a positive number, got {lr}")
-    if batch_size < 1:
-        raise InputError(f"batch_size must be >= 1, got {batch_size}")
-    if grad_clip is not None and not (math.isfinite(grad_clip) and grad_clip > 0):
-        raise InputError(f"grad_clip must be positive or None, got {grad_clip}")
-    if seed < 0:
-        raise InputError(f"seed must be >= 0, got {seed}")
-    log_every = max(1, steps // 10) if log_every is None else log_every
-    if log_every < 1:
-        raise InputError(f"log_every must be >= 1, got {log_every}")
-    if num_threads is not None and num_threads < 1:
-        raise InputError(f"num_threads must be >= 1 or None, got {num_threads}")
+    check_int("steps", steps)
+    check_positive("lr", lr)
+    check_int("batch_size", batch_size)
+    if grad_clip is not None:
+        check_positive("grad_clip", grad_clip)
+    check_int("seed", seed, minimum=0)
+    log_every = max(1, steps // 10) if log_every is None else check_int("log_every", log_every)
+    check_optional_int("num_threads", num_threads)
     if isinstance(held_out, float):
         examples, held_out = split_held_out(examples, held_out, seed)
     previous_threads = torch.get_num_threads()

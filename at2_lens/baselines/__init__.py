@@ -1,7 +1,8 @@
 """Baselines for context attribution, as Captum attribution classes with AT2Attribution's contract.
 
-Every class takes a TransformerLens decoder and has ``attribute(task, target=None, ...) -> SourceAttribution``;
-each result's ``extra`` records the cost of the call (``forward_passes``, ``backward_passes``, counted in sequences).
+Every class takes a TransformerLens decoder and has ``attribute(task, target=None, ...) -> SourceAttribution``
+(built by ``SourceAttribution.from_task``; ``extra`` records the cost of the call, ``forward_passes`` and
+``backward_passes``, counted in sequences). Ablations, features and target outputs come from ``at2_lens.ablation``.
 
 - ``AverageAttention`` / ``LastLayerAttention`` (``captum.attr.Attribution``): attention averaged over heads;
   all layers = AT2 with uniform weights. 1 forward pass.
@@ -11,8 +12,6 @@ each result's ``extra`` records the cost of the call (``forward_passes``, ``back
   summed over embedding dimensions and over each source's tokens. 1 F + 1 B / (1 + n) F + n B.
 """
 
-from at2_lens.baselines._common import AblationFn, TaskAblationFn, ablation_fn
-from at2_lens.baselines.ablation import ContextCite, LeaveOneOut, fit_lasso_surrogate
 from at2_lens.baselines.attention import AverageAttention, LastLayerAttention
 from at2_lens.baselines.gradient import (
     GradientXInput,
@@ -20,17 +19,15 @@ from at2_lens.baselines.gradient import (
     embedding_hook_point,
     sources_from_tokens,
 )
+from at2_lens.baselines.perturbation import ContextCite, LeaveOneOut, fit_lasso_surrogate
 
 __all__ = [
-    "AblationFn",
     "AverageAttention",
     "ContextCite",
     "GradientXInput",
     "IntegratedGradientsAttribution",
     "LastLayerAttention",
     "LeaveOneOut",
-    "TaskAblationFn",
-    "ablation_fn",
     "embedding_hook_point",
     "fit_lasso_surrogate",
     "sources_from_tokens",

@@ -11,12 +11,12 @@ from typing import Any
 
 from captum.attr import Attribution
 
-from at2_lens.at2.features import extract_features
+from at2_lens._validate import check_int
+from at2_lens.ablation import extract_features
 from at2_lens.backends import get_backend
-from at2_lens.baselines._common import make_result, resolve_task
 from at2_lens.errors import InputError
 from at2_lens.results import SourceAttribution
-from at2_lens.tasks import ContextTask, TargetSpan, TokenizedTask
+from at2_lens.tasks import ContextTask, TargetSpan, TokenizedTask, prepare_task
 
 
 class AverageAttention(Attribution):
@@ -40,13 +40,8 @@ class AverageAttention(Attribution):
         if layers is not None:
             if isinstance(layers, str | bytes) or not isinstance(layers, Sequence):
                 raise InputError(f"layers: expected None or a sequence of layer indices, got {layers!r}")
-            bad = [x for x in layers if isinstance(x, bool) or not isinstance(x, int)]
-            if bad:
-                raise InputError(f"layers: expected integer layer indices, got {bad[0]!r}")
-            n = backend.n_layers
-            if any(not -n <= x < n for x in layers):
-                raise InputError(f"layers: expected indices in [-{n}, {n}) (negative count from the end), got {layers}")
-            layers = [x + n if x < 0 else x for x in layers]
+            n = backend.n_layers  # negative indices count from the end
+            layers = [check_int(f"layers[{i}]", x, minimum=-n, maximum=n - 1) % n for i, x in enumerate(layers)]
         self.layers: list[int] = backend.check_layers(layers)
         _ = backend.attention_access  # fails now, with the reason, if attention cannot be read
 
@@ -70,7 +65,7 @@ class AverageAttention(Attribution):
         max_new_tokens: int = 64,
     ) -> SourceAttribution:
         """Score every source of ``inputs`` for the target (one forward pass over prompt + response)."""
-        task = resolve_task(self.backend, inputs, target, max_new_tokens)
+        task = prepare_task(self.backend, inputs, max_new_tokens, target)
         t_range = task.target_token_range
         assert t_range is not None
         fpass = extract_features(self.backend.model, task.input_ids, list(task.source_token_ranges), t_range,
@@ -80,11 +75,11 @@ class AverageAttention(Attribution):
         token_scores = target_tokens = None
         if per_token:
             token_scores = rows.mean(dim=(-2, -1))
-            tok = self.backend.tokenizer
-            target_tokens = tuple(tok.decode([int(i)]) for i in task.input_ids[t_range[0] : t_range[1]])
-        return make_result(task, scores, method=self.name, units="attention mass (mean over heads)",
-                           forward_passes=1, token_scores=token_scores, target_tokens=target_tokens,
-                           layers=list(self.layers))
+            target_tokens = task.target_tokens(self.backend.tokenizer)
+        return SourceAttribution.from_task(
+            task, scores, method=self.name, units="attention mass (mean over heads)", forward_passes=1,
+            token_scores=token_scores, target_tokens=target_tokens, layers=list(self.layers),
+        )
 
 
 class LastLayerAttention(AverageAttention):

@@ -19,17 +19,15 @@ from captum.attr import GradientAttribution, IntegratedGradients, LayerGradientX
 from jaxtyping import Float
 from torch import Tensor
 
-from at2_lens.at2.features import query_rows
-from at2_lens.at2.outputs import OutputType, check_output_type, span_output
+from at2_lens._validate import check_choice, check_int
+from at2_lens.ablation import OUTPUT_UNITS, OutputType, check_output_type, query_rows, span_output
 from at2_lens.backends import Backend, get_backend
-from at2_lens.baselines._common import make_result, resolve_task
 from at2_lens.errors import InputError, ModelNotSupportedError
 from at2_lens.results import SourceAttribution
-from at2_lens.tasks import ContextTask, TargetSpan, TokenizedTask
+from at2_lens.tasks import ContextTask, Span, TargetSpan, TokenizedTask, prepare_task
 
 _METHODS = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
 EMBED_HOOKS: tuple[str, ...] = ("hook_embed", "embed.hook_out")
-_UNITS = {"logit_prob": "logit-probability of the target", "log_prob": "log-probability of the target (nats)"}
 
 
 def embedding_hook_point(model: Any) -> torch.nn.Module:
@@ -41,7 +39,7 @@ def embedding_hook_point(model: Any) -> torch.nn.Module:
     raise ModelNotSupportedError(f"model: none of the embedding hook points {EMBED_HOOKS} exists")
 
 
-def sources_from_tokens(token_attr: Float[Tensor, " pos"], source_ranges: Sequence[tuple[int, int]]) -> Tensor:
+def sources_from_tokens(token_attr: Float[Tensor, " pos"], source_ranges: Sequence[Span]) -> Tensor:
     """Aggregate per-token attributions to sources: the sum over each source's tokens."""
     return torch.stack([token_attr[a:b].sum() for a, b in source_ranges])
 
@@ -92,16 +90,18 @@ class GradientXInput(_EmbeddingGradient):
         max_new_tokens: int = 64,
     ) -> SourceAttribution:
         """Score every source by gradient × embedding summed over its tokens and the embedding dimensions."""
-        task = resolve_task(self.backend, inputs, target, max_new_tokens)
+        task = prepare_task(self.backend, inputs, max_new_tokens, target)
         fn = _target_output_fn(self.backend, task, self.output)
         lgxa = LayerGradientXActivation(fn, self.hook_point)
         with torch.enable_grad():
             attr = lgxa.attribute(task.input_ids[None].to(self.backend.device))
         token_attr = attr[0].detach().float().sum(dim=-1).cpu()  # [pos]
         scores = sources_from_tokens(token_attr, task.source_token_ranges)
-        return make_result(task, scores, method="gradient x input (embeddings)",
-                           units=f"first-order change in {_UNITS[self.output]}", forward_passes=1,
-                           backward_passes=1, output=self.output)
+        return SourceAttribution.from_task(
+            task, scores, method="gradient x input (embeddings)",
+            units=f"first-order change in {OUTPUT_UNITS[self.output]}", forward_passes=1, backward_passes=1,
+            output=self.output,
+        )
 
 
 class IntegratedGradientsAttribution(_EmbeddingGradient):
@@ -139,12 +139,9 @@ class IntegratedGradientsAttribution(_EmbeddingGradient):
         super().__init__(forward_func, output=output)
         self.check_completeness = check_completeness
         lowest = 1 if method == "gausslegendre" else 2  # captum's Riemann rules need two points
-        if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < lowest:
-            raise InputError(f"n_steps: expected an int >= {lowest} for method={method!r}, got {n_steps!r}")
-        if isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int) or internal_batch_size < 1:
-            raise InputError(f"internal_batch_size: expected an int >= 1, got {internal_batch_size!r}")
-        if method not in _METHODS:
-            raise InputError(f"method: expected one of {_METHODS}, got {method!r}")
+        check_int(f"n_steps (method={method!r})", n_steps, minimum=lowest)
+        check_int("internal_batch_size", internal_batch_size)
+        check_choice("method", method, _METHODS)
         self.n_steps = n_steps
         self.method = method
         self.internal_batch_size = internal_batch_size
@@ -157,7 +154,7 @@ class IntegratedGradientsAttribution(_EmbeddingGradient):
         max_new_tokens: int = 64,
     ) -> SourceAttribution:
         """Score every source by integrated gradients summed over its tokens and the embedding dimensions."""
-        task = resolve_task(self.backend, inputs, target, max_new_tokens)
+        task = prepare_task(self.backend, inputs, max_new_tokens, target)
         ids = task.input_ids[None].to(self.backend.device)
         fn = _target_output_fn(self.backend, task, self.output)
         captured: list[Tensor] = []
@@ -190,7 +187,9 @@ class IntegratedGradientsAttribution(_EmbeddingGradient):
             with torch.no_grad():
                 base_out = float(forward_from_embeddings(baseline)[0])
             extra = {"baseline_output": base_out, "completeness_gap": float(scores.sum()) - (full - base_out)}
-        return make_result(task, scores, method=f"integrated gradients (embeddings, {self.n_steps} steps)",
-                           units=f"change in {_UNITS[self.output]} (path integral)",
-                           forward_passes=1 + self.n_steps + int(self.check_completeness),
-                           backward_passes=self.n_steps, full_output=full, output=self.output, **extra)
+        return SourceAttribution.from_task(
+            task, scores, method=f"integrated gradients (embeddings, {self.n_steps} steps)",
+            units=f"change in {OUTPUT_UNITS[self.output]} (path integral)",
+            forward_passes=1 + self.n_steps + int(self.check_completeness), backward_passes=self.n_steps,
+            full_output=full, output=self.output, **extra,
+        )

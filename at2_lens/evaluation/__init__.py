@@ -2,6 +2,8 @@
 
 - ``metrics``: LDS, top-k drop, Kendall τ (and its top-k variant), Jensen–Shannon divergence, counterfactual
   (permuted) and adversarial attention; pure functions plus the functions that run the model.
+- ``correlation``: Pearson, Spearman and per-example LDS on predicted vs actual outputs (also used in training).
+- The ground truth (held-out random ablations) is the engine's: ``at2_lens.ablation.ground_truth``.
 - ``runner``: ``evaluate(methods, tasks, metrics) -> DataFrame`` (tidy), ``summarize``, ``markdown_table``.
 - ``methods``: build attribution objects by name (``at2``, ``loo``, ``contextcite64``, ...).
 - ``squad``: the benchmark's SQuAD tasks and their deterministic train / held-out split.
@@ -25,7 +27,7 @@ _EXPORTS: dict[str, str] = {
     "squad_split": "at2_lens.evaluation.squad",
     "adversarial_attention": "at2_lens.evaluation.metrics",
     "attention_permutation_check": "at2_lens.evaluation.metrics",
-    "ground_truth": "at2_lens.evaluation.metrics",
+    "ground_truth": "at2_lens.ablation.ground_truth",
     "jensen_shannon": "at2_lens.evaluation.metrics",
     "kendall_tau": "at2_lens.evaluation.metrics",
     "lds_score": "at2_lens.evaluation.metrics",

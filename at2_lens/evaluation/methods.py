@@ -18,7 +18,7 @@ from at2_lens.errors import InputError
 from at2_lens.evaluation._names import METHOD_HELP
 
 if TYPE_CHECKING:
-    from at2_lens.at2.ablation import AblationMode
+    from at2_lens.ablation import AblationMode
 
 _CC = re.compile(r"^contextcite(\d+)?(?:_(mask|remove))?$")
 _LOO = re.compile(r"^loo(?:_(mask|remove))?$")
@@ -36,8 +36,8 @@ def build_method(
 ) -> tuple[str, Any]:
     """``(label, attribution object)`` for a method name (see the module docstring); ``mode`` is the default
     ablation of ``loo`` and ``contextcite`` when the name carries no ``_mask``/``_remove`` suffix."""
-    from at2_lens.at2.ablation import check_mode
-    from at2_lens.at2.attribution import AT2Attribution
+    from at2_lens import AT2Attribution
+    from at2_lens.ablation import check_mode
     from at2_lens.baselines import (
         AverageAttention,
         ContextCite,
@@ -50,13 +50,8 @@ def build_method(
     mode = check_mode(mode)
     key = name.strip().lower()
     if key == "at2":
-        if estimator is None:
-            from at2_lens.at2.pretrained import default_estimator_for
-
-            estimator = default_estimator_for(model)
-        if estimator is None:
-            return "at2_uniform", AT2Attribution(model)
-        return "at2", AT2Attribution(model, estimator=estimator)
+        at2 = AT2Attribution.for_model(model, estimator)
+        return ("at2_uniform" if at2.uses_uniform_weights else "at2"), at2
     if key == "avg_attention":
         return key, AverageAttention(model)
     if key == "last_layer_attention":

@@ -1,5 +1,6 @@
 """Faithfulness metrics for context attributions: pure functions on scores and outputs, and the model-running
-functions that produce those outputs.
+functions that produce those outputs (the ablations themselves, and the ground truth LDS compares against, come
+from :mod:`at2_lens.ablation`; correlations from :mod:`at2_lens.evaluation.correlation`).
 
 - **LDS** (ContextCite / AT2): for one task, the Spearman correlation over held-out random keep-masks ``m`` between
   the prediction ``ŷ(m) = Σ_s m_s · score_s = m · w`` and the actual output ``y(m)``. (AT2 writes the prediction as
@@ -28,19 +29,27 @@ from scipy.stats import kendalltau
 from torch import Tensor
 
 from at2_lens._typing import typechecked
-from at2_lens.at2.ablation import AblationMode, check_mode, random_masks
-from at2_lens.at2.features import query_rows
-from at2_lens.at2.outputs import OutputType, check_output_type, output_from_logprob, span_output
+from at2_lens._validate import check_choice, check_int, check_positive
+from at2_lens.ablation import (
+    AblationFn,
+    AblationMode,
+    OutputType,
+    ablation_fn,
+    check_output_type,
+    full_keep,
+    query_rows,
+    span_output,
+    topk_masks,
+)
 from at2_lens.backends import get_backend
-from at2_lens.baselines._common import AblationFn, ablation_fn
 from at2_lens.errors import InputError
+from at2_lens.evaluation.correlation import spearman
 from at2_lens.interventions import replace_pattern
-from at2_lens.metrics import spearman
+from at2_lens.ranking import top_k
 from at2_lens.tasks import TokenizedTask
 
 RowSelection = Literal["target", "after_context"]
 KeySelection = Literal["context", "all"]
-EVAL_SEED_SALT = 0x4C4453  # evaluation masks never coincide with a method's own (e.g. ContextCite's, seed 0)
 
 # ================================================================================================ pure functions
 
@@ -74,29 +83,6 @@ def lds_score(
     return spearman(predicted_outputs(scores, masks), actual.double())
 
 
-def top_k_indices(scores: Tensor | Sequence[float], k: int) -> list[int]:
-    """The ``k`` highest-scored source indices, highest first; ties broken by position (as
-    ``SourceAttribution.ranking``)."""
-    s = _np(scores)
-    if k < 1:
-        raise InputError(f"k: expected >= 1, got {k}")
-    return sorted(range(len(s)), key=lambda i: (-s[i], i))[:k]
-
-
-def topk_masks(scores: Tensor | Sequence[float], ks: Sequence[int]) -> Bool[Tensor, "k source"]:
-    """Keep-masks that ablate the top-``k`` sources, one row per ``k`` (``k`` larger than the number of sources is
-    refused)."""
-    n = len(_np(scores))
-    rows = []
-    for k in ks:
-        if not 1 <= k <= n:
-            raise InputError(f"ks: each k must be in [1, {n}] (the number of sources), got {k}")
-        keep = torch.ones(n, dtype=torch.bool)
-        keep[top_k_indices(scores, k)] = False
-        rows.append(keep)
-    return torch.stack(rows)
-
-
 def topk_drop_from(
     ablate: AblationFn, scores: Tensor | Sequence[float], ks: Sequence[int], full: float | None = None
 ) -> dict[int, float]:
@@ -109,7 +95,7 @@ def topk_drop_from(
         return out
     masks = topk_masks(scores, valid)
     if full is None:
-        masks = torch.cat([torch.ones(1, n, dtype=torch.bool), masks])
+        masks = torch.cat([full_keep(n), masks])
     values = torch.as_tensor(ablate(masks)).double().reshape(-1)
     base = float(values[0]) if full is None else float(full)
     ablated = values[1:] if full is None else values
@@ -133,7 +119,7 @@ def topk_kendall_tau(a: Tensor | Sequence[float], b: Tensor | Sequence[float], k
     """Jain & Wallace's top-k variant: Kendall τ-b restricted to the union of the top-``k`` sources of ``a`` and
     of ``b`` (so it asks whether the two methods agree on the sources that matter to either)."""
     x, y = _np(a), _np(b)
-    idx = sorted(set(top_k_indices(x, k)) | set(top_k_indices(y, k)))
+    idx = sorted(set(top_k(x, k)) | set(top_k(y, k)))
     return kendall_tau(x[idx], y[idx])
 
 
@@ -185,13 +171,12 @@ def selected_rows(task: TokenizedTask, rows: RowSelection) -> Bool[Tensor, " que
     context)."""
     if task.target_token_range is None:
         raise InputError("task: needs a response (a target)")
+    check_choice("rows", rows, ("target", "after_context"))
     mask = torch.zeros(task.seq_len, dtype=torch.bool)
     if rows == "target":
         mask[query_rows(task.target_token_range, True)] = True
-    elif rows == "after_context":
-        mask[task.source_token_ranges[-1][1] :] = True
     else:
-        raise InputError(f"rows: expected 'target' or 'after_context', got {rows!r}")
+        mask[task.source_token_ranges[-1][1] :] = True
     return mask
 
 
@@ -201,49 +186,8 @@ def _heads(n_heads: int, heads: Sequence[int] | None) -> Bool[Tensor, " head"]:
         mask[:] = True
         return mask
     for h in heads:
-        if isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < n_heads:
-            raise InputError(f"heads: expected head indices in [0, {n_heads}), got {h!r}")
-        mask[h] = True
+        mask[check_int("heads", h, minimum=0, maximum=n_heads - 1)] = True
     return mask
-
-
-@dataclass(frozen=True)
-class GroundTruth:
-    """A task's outputs under random keep-masks, shared by every method's LDS.
-
-    ``log_probs[m]`` is the target's log-probability under ``masks[m]``; ``full_log_prob`` with nothing ablated.
-    """
-
-    masks: Bool[Tensor, "mask source"]
-    log_probs: Float[Tensor, " mask"]
-    full_log_prob: float
-    mode: str
-    forward_passes: int
-
-    def outputs(self, output: OutputType = "logit_prob") -> Float[Tensor, " mask"]:
-        return output_from_logprob(self.log_probs, check_output_type(output))
-
-
-def ground_truth(
-    model: Any,
-    task: TokenizedTask,
-    n_masks: int = 32,
-    *,
-    mode: AblationMode = "mask",
-    keep_prob: float = 0.5,
-    seed: int = 0,
-    index: int = 0,
-    batch_size: int = 8,
-) -> GroundTruth:
-    """Held-out random ablations of one task (``n_masks + 1`` forward passes, the unablated one included).
-
-    Masks come from ``random_masks(seed=EVAL_SEED_SALT + seed, index=index)``, a stream no method draws from.
-    """
-    mode = check_mode(mode)
-    masks = random_masks(task.n_sources, n_masks, keep_prob, seed=EVAL_SEED_SALT + seed, index=index)
-    run = ablation_fn(model, task, mode=mode, output="log_prob", batch_size=batch_size)
-    full = ablation_fn(model, task, mode="mask", output="log_prob")(torch.ones(1, task.n_sources, dtype=torch.bool))
-    return GroundTruth(masks, run(masks), float(full[0]), mode, n_masks + 1)
 
 
 def topk_drop(
@@ -315,8 +259,7 @@ def attention_permutation_check(
             raise InputError(f"permutations: expected [n, {n_ctx}] (one permutation of the context keys per row)")
         perms = permutations.long()[:, None, None, :].expand(-1, n_lay, n_head, -1)
     else:
-        if n_permutations < 1:
-            raise InputError(f"n_permutations: expected >= 1, got {n_permutations}")
+        check_int("n_permutations", n_permutations)
         gen = torch.Generator().manual_seed(seed)
         perms = torch.rand(n_permutations, n_lay, n_head, n_ctx, generator=gen).argsort(dim=-1)
     if not torch.equal(perms.sort(dim=-1).values, torch.arange(n_ctx).expand_as(perms)):
@@ -394,10 +337,10 @@ def adversarial_attention(
     """
     backend = get_backend(model)
     output = check_output_type(output)
-    if keys not in ("context", "all"):
-        raise InputError(f"keys: expected 'context' or 'all', got {keys!r}")
-    if steps < 1 or tolerance < 0 or penalty < 0:
-        raise InputError(f"steps >= 1, tolerance >= 0 and penalty >= 0 expected, got {steps}, {tolerance}, {penalty}")
+    check_choice("keys", keys, ("context", "all"))
+    check_int("steps", steps)
+    check_positive("tolerance", tolerance, allow_zero=True)
+    check_positive("penalty", penalty, allow_zero=True)
     if task.target_token_range is None:
         raise InputError("task: needs a response (a target)")
     layer_list = backend.check_layers(layers)

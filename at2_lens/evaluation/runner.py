@@ -20,25 +20,30 @@ from typing import Any
 import pandas as pd
 import torch
 
-from at2_lens.at2.ablation import AblationMode, check_mode
-from at2_lens.at2.attribution import AT2Attribution, check_tasks, prepare_task
-from at2_lens.at2.outputs import OutputType, check_output_type
+from at2_lens._validate import check_int
+from at2_lens.ablation import (
+    AblationFn,
+    AblationMode,
+    OutputType,
+    ablation_fn,
+    check_mode,
+    check_output_type,
+    ground_truth,
+)
 from at2_lens.backends import get_backend
 from at2_lens.baselines import GradientXInput, LeaveOneOut
-from at2_lens.baselines._common import AblationFn, ablation_fn
 from at2_lens.errors import InputError
 from at2_lens.evaluation._names import ALIASES, DEFAULT_METRICS, METRICS
 from at2_lens.evaluation.metrics import (
     adversarial_attention,
     attention_permutation_check,
-    ground_truth,
     kendall_tau,
     lds_score,
     topk_drop_from,
     topk_kendall_tau,
 )
 from at2_lens.results import SourceAttribution
-from at2_lens.tasks import ContextTask, TokenizedTask
+from at2_lens.tasks import ContextTask, TokenizedTask, check_tasks, prepare_task
 
 PERMUTATION_METHOD = "attention_permutation"
 ADVERSARIAL_METHOD = "attention_adversarial"
@@ -77,11 +82,9 @@ class _MemoAblation:
         return torch.tensor([self.memo[k] for k in keys], dtype=torch.float64)
 
 
-def _passes(method: Any, result: SourceAttribution, before: int | None) -> tuple[int, int]:
-    """(forward, backward) passes of one ``attribute`` call. ``AT2Attribution`` keeps a running counter (its cached
-    passes are free), the baselines record the call's own cost in ``extra``."""
-    if isinstance(method, AT2Attribution) and before is not None:
-        return method.forward_passes - before, 0
+def _passes(result: SourceAttribution) -> tuple[int, int]:
+    """(forward, backward) passes of one ``attribute`` call, as every method records them in ``extra`` (-1 when a
+    method records none)."""
     fwd = result.extra.get("forward_passes")
     return (int(fwd) if fwd is not None else -1), int(result.extra.get("backward_passes", 0))
 
@@ -173,15 +176,17 @@ def evaluate(
     if not tasks:
         raise InputError("tasks: expected at least one task")
     metric_list = resolve_metrics(metrics)
-    ids = list(range(len(tasks))) if task_ids is None else [int(i) for i in task_ids]
-    if len(ids) != len(tasks) or len(set(ids)) != len(ids) or any(i < 0 for i in ids):
+    ids = list(range(len(tasks))) if task_ids is None else [check_int("task_ids", i, minimum=0) for i in task_ids]
+    if len(ids) != len(tasks) or len(set(ids)) != len(ids):
         raise InputError(f"task_ids: expected {len(tasks)} distinct non-negative integers, one per task, got {ids}")
     mode = check_mode(mode)
     output = check_output_type(output)
-    if n_eval_masks < 2:
-        raise InputError(f"n_eval_masks: expected >= 2, got {n_eval_masks}")
-    if not ks or any(int(k) < 1 for k in ks) or kendall_k < 1:
-        raise InputError(f"ks / kendall_k: expected positive integers, got {list(ks)} / {kendall_k}")
+    check_int("n_eval_masks", n_eval_masks, minimum=2)
+    if not ks:
+        raise InputError("ks: expected at least one k")
+    for k in ks:
+        check_int("ks", k)
+    check_int("kendall_k", kendall_k)
     if not isinstance(methods, Mapping):
         raise InputError(f"methods: expected a {{name: attribution object}} mapping, got {type(methods).__name__}")
     for name, method in methods.items():
@@ -230,11 +235,10 @@ def evaluate(
         results: dict[str, tuple[SourceAttribution, tuple[int, int, float]]] = {}
         elapsed: dict[str, float] = {}
         for name, method in methods.items():
-            before = method.forward_passes if isinstance(method, AT2Attribution) else None
             t = time.perf_counter()
             result = method.attribute(task)
             elapsed[name] = time.perf_counter() - t
-            fwd, bwd = _passes(method, result, before)
+            fwd, bwd = _passes(result)
             results[name] = (result, (fwd, bwd, math.nan))
             log(f"  {name}: {fwd} forward + {bwd} backward passes, {elapsed[name] / fwd_s:.1f}x a forward pass")
         # The forward pass is timed before and after the methods, so load drifting during the run hits both.

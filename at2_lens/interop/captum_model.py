@@ -23,6 +23,7 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from at2_lens.backends import Backend, get_backend
 from at2_lens.errors import InputError, ModelNotSupportedError
+from at2_lens.tasks import prepare_task
 
 __all__ = ["CaptumLM"]
 
@@ -115,7 +116,7 @@ class CaptumLM(torch.nn.Module):
     @property
     def embedding_layer(self) -> torch.nn.Module:
         """The token-embedding hook point, the layer to give ``LayerIntegratedGradients`` & co."""
-        from at2_lens.baselines.gradient import embedding_hook_point
+        from at2_lens.baselines import embedding_hook_point
 
         return embedding_hook_point(self.model)
 
@@ -202,8 +203,6 @@ class CaptumLM(torch.nn.Module):
             ``(inp, target_ids)``: pass them as ``llm_attr.attribute(inp, target=target_ids, ...)``.
         """
         from captum.attr import TextTemplateInput
-
-        from at2_lens.at2.attribution import prepare_task
 
         tok = prepare_task(self.backend, task, max_new_tokens, target)
         assert tok.target_token_range is not None and tok.target_char_range is not None

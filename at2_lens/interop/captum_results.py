@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from at2_lens._validate import check_int
 from at2_lens.attattr import AttAttrResult
 from at2_lens.errors import InputError
 from at2_lens.results import SourceAttribution
@@ -80,8 +81,7 @@ def _from_attattr(
     attr = result.attributions.detach().float().cpu()
     mask = result.attention_mask
     if result.batched:
-        if not 0 <= example < attr.shape[0]:
-            raise InputError(f"example: expected an index in [0, {attr.shape[0]}), got {example}")
+        example = check_int("example", example, minimum=0, maximum=attr.shape[0] - 1)
         attr = attr[example]
         mask = None if mask is None else mask[example]
     elif example != 0:

@@ -6,9 +6,19 @@ character ↔ token ↔ source mapping.
 - Source granularities live in :data:`PARTITIONERS` (``sources.py``); a new one is a function registered with
   :func:`register_partitioner`.
 - ``spans.py`` holds the token-assignment rule (a token belongs to the source it shares most characters with).
+- ``prepare.py``: :func:`prepare_task` (tokenize for a model, generate a missing response, apply a target) and
+  :func:`check_tasks` (refuse bad tasks before any model work), what every method and runner calls.
 """
 
-from at2_lens.tasks.context import PLAIN_TEMPLATE, ContextTask, PromptLayout, TargetSpan, TokenizedTask
+from at2_lens.tasks.context import (
+    PLAIN_TEMPLATE,
+    ContextTask,
+    PromptLayout,
+    TargetSpan,
+    TokenizedTask,
+    as_target_span,
+)
+from at2_lens.tasks.prepare import check_tasks, prepare_task
 from at2_lens.tasks.sources import (
     PARTITIONERS,
     Partitioner,
@@ -38,12 +48,15 @@ __all__ = [
     "Span",
     "TargetSpan",
     "TokenizedTask",
+    "as_target_span",
     "assign_tokens",
     "char_range_to_tokens",
+    "check_tasks",
     "encode_with_offsets",
     "join_documents",
     "offsets_from_ids",
     "partition",
+    "prepare_task",
     "register_partitioner",
     "source_token_ranges",
     "split_sentences",

@@ -24,6 +24,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from at2_lens._validate import check_optional_int
 from at2_lens.errors import InputError
 from at2_lens.tasks.sources import (
     DEFAULT_SEPARATOR,
@@ -74,6 +75,18 @@ class TargetSpan:
             raise InputError(f"target: span ({self.start}, {self.end}) is empty")
         if self.start < 0:
             raise InputError(f"target: span ({self.start}, {self.end}) starts before 0")
+
+
+def as_target_span(
+    target: TargetSpan | Sequence[int] | None, unit: Literal["char", "token"] = "char"
+) -> TargetSpan | None:
+    """The one coercion of a target: None stays None, a ``TargetSpan`` is kept, a ``(start, end)`` pair becomes a
+    ``TargetSpan`` in ``unit`` (response characters by default)."""
+    if target is None or isinstance(target, TargetSpan):
+        return target
+    if isinstance(target, str | bytes) or not isinstance(target, Sequence) or len(target) != 2:
+        raise InputError(f"target: expected None, a TargetSpan or a (start, end) pair, got {target!r}")
+    return TargetSpan(target[0], target[1], unit)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -162,6 +175,13 @@ class TokenizedTask:
             out[a:b] = [i] * (b - a)
         return out
 
+    def target_tokens(self, tokenizer: Any) -> tuple[str, ...]:
+        """The target's tokens as strings (each decoded on its own), e.g. to label per-token scores."""
+        if self.target_token_range is None:
+            raise InputError("task: has no response (no target tokens)")
+        t0, t1 = self.target_token_range
+        return tuple(tokenizer.decode([int(i)]) for i in self.input_ids[t0:t1])
+
     def with_target(
         self, char_range: Sequence[int] | None = None, token_range: Sequence[int] | None = None
     ) -> TokenizedTask:
@@ -172,12 +192,9 @@ class TokenizedTask:
         """
         if char_range is not None and token_range is not None:
             raise InputError("with_target: give char_range or token_range, not both")
-        target: TargetSpan | None = None
-        if char_range is not None:
-            target = _as_target(char_range, "char")
-        elif token_range is not None:
-            target = _as_target(token_range, "token")
-        return self._retarget(target)
+        if token_range is not None:
+            return self._retarget(as_target_span(token_range, "token"))
+        return self._retarget(as_target_span(char_range, "char"))
 
     def with_response(
         self,
@@ -217,7 +234,7 @@ class TokenizedTask:
             response=resp_text,
             offsets=self.offsets[: self.prompt_len] + tuple((s + shift, e + shift) for s, e in resp_offsets),
         )
-        return new._retarget(_as_target(target, "char") if target is not None else None)
+        return new._retarget(as_target_span(target, "char"))
 
     def _retarget(self, target: TargetSpan | None) -> TokenizedTask:
         """Resolve a target span against the response tokens."""
@@ -313,16 +330,15 @@ class ContextTask:
                     f"sources: expected a granularity name or a list of (start, end) spans, got {self.sources!r}"
                 ) from None
             object.__setattr__(self, "sources", tuple(validate_spans(raw, len(text))))
-        if self.target is not None:
-            target = _as_target(self.target, "char")
-            object.__setattr__(self, "target", target)
-            if self.response is not None and target.unit == "char":
-                if target.end > len(self.response):
-                    raise InputError(
-                        f"target: char span ({target.start}, {target.end}) lies outside the response "
-                        f"(length {len(self.response)})"
-                    )
-                _check_text(self.response[target.start : target.end], "target")
+        target = as_target_span(self.target, "char")
+        object.__setattr__(self, "target", target)
+        if target is not None and self.response is not None and target.unit == "char":
+            if target.end > len(self.response):
+                raise InputError(
+                    f"target: char span ({target.start}, {target.end}) lies outside the response "
+                    f"(length {len(self.response)})"
+                )
+            _check_text(self.response[target.start : target.end], "target")
 
     @property
     def context_text(self) -> str:
@@ -367,8 +383,7 @@ class ContextTask:
             response: overrides ``self.response``: text, or the exact generated token ids.
             max_length: the model's context size (``n_ctx``); longer inputs raise InputError.
         """
-        if max_length is not None and (not _is_int(max_length) or max_length <= 0):
-            raise InputError(f"max_length: expected a positive int, got {max_length!r}")
+        check_optional_int("max_length", max_length)
         resp = response if response is not None else self.response
         _check_special_tokens(
             tokenizer, context=self.context_text, query=self.query, system_prompt=self.system_prompt or ""
@@ -472,15 +487,6 @@ class ContextTask:
 
 
 # ------------------------------------------------------------------------------------------------------------
-
-
-def _as_target(target: Sequence[int] | TargetSpan, unit: Literal["char", "token"]) -> TargetSpan:
-    """Coerce a ``(start, end)`` pair (in ``unit``) or a TargetSpan to a TargetSpan."""
-    if isinstance(target, TargetSpan):
-        return target
-    if isinstance(target, str | bytes) or not isinstance(target, Sequence) or len(target) != 2:
-        raise InputError(f"target: expected a (start, end) pair or a TargetSpan, got {target!r}")
-    return TargetSpan(target[0], target[1], unit)  # type: ignore[arg-type]
 
 
 def _check_text(value: object, name: str) -> None:

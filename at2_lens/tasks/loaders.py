@@ -11,6 +11,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+from at2_lens._validate import check_int
 from at2_lens.errors import InputError
 from at2_lens.tasks import ContextTask
 
@@ -125,8 +126,7 @@ def multi_document_tasks(
     """
     from at2_lens.tasks.sources import split_sentences
 
-    if n_distractors < 1:
-        raise InputError(f"n_distractors: expected >= 1, got {n_distractors}")
+    check_int("n_distractors", n_distractors)
     rng = random.Random(seed)
     by_title: dict[str, list[str]] = {}
     for r in records:

@@ -1,4 +1,4 @@
-"""Correlation metrics used to evaluate attributions: Pearson, Spearman and the linear datamodeling score (LDS).
+"""Correlations of predicted vs actual outputs: Pearson, Spearman and the linear datamodeling score (LDS).
 
 LDS (ContextCite / AT2 evaluation): for one example, the Spearman rank correlation, over random ablation masks,
 between a surrogate's predicted output and the actual output; averaged over examples. Ranks use average ranks for

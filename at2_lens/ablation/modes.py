@@ -1,9 +1,12 @@
-"""Ground truth by ablation: random keep-masks over sources and the target's output under each.
+"""Ablating sources: the target's output under keep-masks, in one of two modes.
 
-Two modes. ``mask`` keeps every token in place and removes ablated sources' keys from every layer's attention
+``mask`` keeps every token in place and removes ablated sources' keys from every layer's attention
 (mask-and-renormalise, the AT2 reference's default; batched, one forward per ``batch_size`` masks). ``remove``
 deletes the ablated sources' text and re-tokenises the prompt (the ContextCite way); positions shift, so with
 absolute position embeddings the two modes differ, while with rotary positions they agree closely.
+
+:func:`ablation_fn` binds a model and a task into an :data:`AblationFn` (keep-masks -> outputs): what the ablation
+baselines, the ground truth and the top-k drop call.
 """
 
 from __future__ import annotations
@@ -16,37 +19,29 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from at2_lens._typing import typechecked
-from at2_lens.at2.features import Span, check_spans, query_rows
-from at2_lens.at2.outputs import OutputType, check_output_type, span_output
-from at2_lens.at2.store import random_masks
+from at2_lens._validate import check_choice, check_int
+from at2_lens.ablation.masks import token_keep
+from at2_lens.ablation.outputs import OutputType, check_output_type, span_output
+from at2_lens.ablation.positions import check_spans, query_rows
 from at2_lens.backends import get_backend
 from at2_lens.errors import InputError
 from at2_lens.interventions import mask_keys
+from at2_lens.tasks import Span, TokenizedTask, encode_with_offsets
+from at2_lens.tasks.spans import cut_spans
 
 AblationMode = Literal["mask", "remove"]
 ABLATION_MODES: tuple[str, ...] = ("mask", "remove")
-__all__ = [
-    "ABLATION_MODES",
-    "mask_mode_outputs",
-    "random_masks",
-    "removal_builder",
-    "remove_mode_outputs",
-    "token_keep",
-]
+
+AblationFn = Callable[[Bool[Tensor, "mask source"]], Float[Tensor, " mask"]]
+"""Maps source keep-masks ``[mask, source]`` (True = kept) to the target's output under each mask."""
+
+TaskAblationFn = Callable[[TokenizedTask, Bool[Tensor, "mask source"]], Float[Tensor, " mask"]]
+"""An injectable ablation: ``(task, keep-masks) -> outputs``; replaces the model's ablations (e.g. in tests)."""
 
 
 def check_mode(mode: str) -> AblationMode:
-    if mode not in ABLATION_MODES:
-        raise InputError(f"mode: expected one of {ABLATION_MODES}, got {mode!r}")
-    return mode  # type: ignore[return-value]
-
-
-def token_keep(masks: Bool[Tensor, "mask source"], source_ranges: Sequence[Span], n_tokens: int) -> Tensor:
-    """Expand source keep-masks to token keep-masks ``[mask, pos]`` (tokens outside sources are always kept)."""
-    keep = torch.ones(masks.shape[0], n_tokens, dtype=torch.bool)
-    for s, (a, b) in enumerate(source_ranges):
-        keep[:, a:b] &= masks[:, s : s + 1]
-    return keep
+    """``mode`` if it is one of :data:`ABLATION_MODES`, else InputError naming ``mode``."""
+    return check_choice("mode", mode, ABLATION_MODES)  # type: ignore[return-value]
 
 
 @typechecked
@@ -68,8 +63,7 @@ def mask_mode_outputs(
     check_spans(source_ranges, target_range, len(ids), backend.is_causal)
     if masks.shape[1] != len(source_ranges):
         raise InputError(f"masks: expected {len(source_ranges)} columns (one per source), got {masks.shape[1]}")
-    if batch_size < 1:
-        raise InputError(f"batch_size: expected >= 1, got {batch_size}")
+    check_int("batch_size", batch_size)
     _ = backend.attention_access
     keep = token_keep(masks, source_ranges, len(ids))
     rows = query_rows(target_range, backend.is_causal)
@@ -94,8 +88,8 @@ def remove_mode_outputs(
 ) -> Float[Tensor, " mask"]:
     """The target's output under each keep-mask, deleting ablated sources and re-tokenising.
 
-    ``build(keep_mask)`` returns the re-tokenised ``input_ids`` and the target's token range in them (a task's
-    ``tokenize_ablated``). One forward pass per mask; lengths differ between masks.
+    ``build(keep_mask)`` returns the re-tokenised ``input_ids`` and the target's token range in them (see
+    :func:`removal_builder`). One forward pass per mask; lengths differ between masks.
     """
     backend = get_backend(model)
     output = check_output_type(output)
@@ -109,21 +103,18 @@ def remove_mode_outputs(
     return torch.cat(outs)
 
 
-def removal_builder(tokenizer: Any, task: Any) -> Callable[[Tensor], tuple[Tensor, Span]]:
+def removal_builder(tokenizer: Any, task: TokenizedTask) -> Callable[[Tensor], tuple[Tensor, Span]]:
     """For ``remove`` mode: a function from a source keep-mask to re-tokenised ``(input_ids, target_range)``.
 
     Ablated sources' characters are cut out of the rendered prompt (the template around the context is literal
     text, so this equals rendering the prompt with the reduced context); the prompt is re-tokenised and the
     response's exact token ids are appended, so the target tokens are unchanged.
     """
-    from at2_lens.tasks import encode_with_offsets
-    from at2_lens.tasks.spans import cut_spans
-
     if task.response is None or task.target_token_range is None:
         raise InputError("task: remove-mode ablation needs a tokenized task with a response")
     response_ids = task.input_ids[task.prompt_len :]
     t0, t1 = (p - task.prompt_len for p in task.target_token_range)
-    spans = [(task.context_start + a, task.context_start + b) for a, b in task.source_spans]
+    spans = task.source_prompt_spans
 
     def build(keep: Tensor) -> tuple[Tensor, Span]:
         if keep.shape != (len(spans),):
@@ -134,3 +125,49 @@ def removal_builder(tokenizer: Any, task: Any) -> Callable[[Tensor], tuple[Tenso
         return torch.cat([torch.tensor(ids, dtype=torch.long), response_ids]), (n + t0, n + t1)
 
     return build
+
+
+def ablation_fn(
+    model: Any,
+    task: TokenizedTask,
+    *,
+    mode: AblationMode = "mask",
+    output: OutputType = "logit_prob",
+    batch_size: int = 8,
+) -> AblationFn:
+    """The target's output under source keep-masks, by attention masking (``mask``) or text removal (``remove``).
+
+    One forward pass per mask either way (mask mode batches ``batch_size`` masks per call).
+    """
+    mode = check_mode(mode)
+    output = check_output_type(output)
+    target_range = task.target_token_range
+    if target_range is None:
+        raise InputError("task: ablations need a tokenized task with a response (a target)")
+    if mode == "mask":
+        sources = list(task.source_token_ranges)
+
+        def run_mask(masks: Tensor) -> Tensor:
+            return mask_mode_outputs(model, task.input_ids, sources, target_range, masks.bool(), output=output,
+                                     batch_size=batch_size)
+
+        return run_mask
+    build = removal_builder(get_backend(model).tokenizer, task)
+
+    def run_remove(masks: Tensor) -> Tensor:
+        return remove_mode_outputs(model, build, masks.bool(), output=output)
+
+    return run_remove
+
+
+__all__ = [
+    "ABLATION_MODES",
+    "AblationFn",
+    "AblationMode",
+    "TaskAblationFn",
+    "ablation_fn",
+    "check_mode",
+    "mask_mode_outputs",
+    "removal_builder",
+    "remove_mode_outputs",
+]

@@ -14,23 +14,23 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from at2_lens._validate import check_int
 from at2_lens.errors import InputError
+from at2_lens.ranking import top_k
 from at2_lens.results import SourceAttribution
 from at2_lens.tasks import ContextTask, TokenizedTask
 from at2_lens.tasks.spans import cut_spans
 
 
 def top_k_mask(scores: Float[Tensor, " n_sources"], k: int) -> Bool[Tensor, " n_sources"]:
-    """Keep-mask of the ``k`` highest scores (ties broken by source order, earlier first)."""
+    """Keep-mask of the ``k`` highest scores (:func:`at2_lens.ranking.rank`: ties go to the earlier source)."""
     if scores.ndim != 1 or scores.numel() == 0:
         raise InputError(f"scores: expected a non-empty 1-D tensor, got shape {tuple(scores.shape)}")
     if not torch.isfinite(scores).all():
         raise InputError("scores: contain NaN or inf; cannot rank sources")
-    if not 1 <= k <= scores.numel():
-        raise InputError(f"k: expected 1 <= k <= {scores.numel()} (the number of sources), got {k}")
-    order = torch.argsort(-scores.double(), stable=True)
+    check_int("k", k, maximum=scores.numel())  # at most the number of sources
     keep = torch.zeros(scores.numel(), dtype=torch.bool)
-    keep[order[:k]] = True
+    keep[top_k(scores, k)] = True
     return keep
 
 
@@ -44,9 +44,9 @@ def pruned_context(task: TokenizedTask, keep: Bool[Tensor, " n_sources"]) -> str
 def prune_context(task: ContextTask, result: SourceAttribution, k: int) -> ContextTask:
     """A copy of ``task`` whose context holds only the ``k`` top-scored sources of ``result`` (an attribution of
     that task), with no response, so the model answers again; sources stay at the task's granularity."""
-    tokenized = result.extra.get("task")
+    tokenized = result.task
     if not isinstance(tokenized, TokenizedTask):
-        raise InputError("result: expected an attribution whose extra['task'] holds the tokenized task")
+        raise InputError("result: expected an attribution that holds its tokenized task (result.task)")
     if not isinstance(task, ContextTask):
         raise InputError(f"task: expected a ContextTask, got {type(task).__name__}")
     text = pruned_context(tokenized, top_k_mask(result.scores, k))

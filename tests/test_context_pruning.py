@@ -7,13 +7,13 @@ from typing import Any
 import pytest
 import torch
 
-from at2_lens.at2.ablation import removal_builder
-from at2_lens.at2.attribution import AT2Attribution, prepare_task
+from at2_lens.ablation import removal_builder
+from at2_lens.at2.attribution import AT2Attribution
 from at2_lens.at2.pretrained import load_estimator
 from at2_lens.backends import get_backend
+from at2_lens.context_pruning import prune_context, pruned_context, top_k_mask
 from at2_lens.errors import InputError
-from at2_lens.pruning import prune_context, pruned_context, top_k_mask
-from at2_lens.tasks import ContextTask
+from at2_lens.tasks import ContextTask, prepare_task
 from at2_lens.tasks.loaders import demo_task
 
 CONTEXT = "Paris is in France. Berlin is in Germany. Rome is in Italy. Madrid is in Spain."
@@ -48,7 +48,7 @@ def test_prune_context_returns_a_task_without_response(tiny_llama: Any) -> None:
     task = ContextTask(context=CONTEXT, query="Where is Rome?", response="Italy.", sources="sentence")
     result = AT2Attribution(tiny_llama).attribute(task)
     pruned = prune_context(task, result, 2)
-    kept = [result.extra["task"].source_texts[i] for i in top_k_mask(result.scores, 2).nonzero().flatten().tolist()]
+    kept = [result.task.source_texts[i] for i in top_k_mask(result.scores, 2).nonzero().flatten().tolist()]
     assert pruned.response is None and pruned.query == task.query
     assert all(s in pruned.context for s in kept) and len(pruned.context) < len(CONTEXT)
     assert prepare_task(get_backend(tiny_llama), pruned.with_response("Italy.")).n_sources == 2

@@ -1,9 +1,9 @@
-"""AT2 attention features read by hooks in one forward pass.
+"""Target-row attention features, read by hooks in one forward pass: what AT2 and the attention baselines score.
 
 For a source ``s`` and head ``(l, h)``: ``φ[s, l, h] = Σ_{k ∈ s} mean_{t ∈ target} A^{l,h}[t, k]`` — attention
-from the query rows that produce the target to the source's keys. For a causal model the row producing target
-token ``t`` is ``t − 1`` (its logits predict ``t``); for an encoder it is ``t`` itself. Each layer's hook reduces
-its pattern rows to ``[head, row, source]`` immediately, so a full ``[layers, heads, N, N]`` cache never exists.
+from the query rows that produce the target (:func:`~at2_lens.ablation.positions.query_rows`) to the source's
+keys. Each layer's hook reduces its pattern rows to ``[row, source, head]`` immediately, so a full
+``[layers, heads, N, N]`` cache never exists.
 """
 
 from __future__ import annotations
@@ -13,47 +13,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from einops import einsum
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from at2_lens._typing import typechecked
+from at2_lens.ablation.positions import check_spans, membership, query_rows
 from at2_lens.backends import Backend, get_backend
 from at2_lens.errors import InputError, NumericalError
-
-Span = tuple[int, int]
-
-
-def check_spans(source_ranges: Sequence[Span], target_range: Span, n_tokens: int, causal: bool) -> None:
-    """Validate token ranges of sources and target before any model work."""
-    if not source_ranges:
-        raise InputError("source_ranges: expected at least one source")
-    prev_end = -1
-    for i, (a, b) in enumerate(source_ranges):
-        if not (0 <= a < b <= n_tokens):
-            raise InputError(f"source_ranges[{i}]: expected 0 <= start < end <= {n_tokens}, got ({a}, {b})")
-        if a < prev_end:
-            raise InputError(f"source_ranges[{i}]: ({a}, {b}) overlaps or precedes the previous source")
-        prev_end = b
-    t0, t1 = target_range
-    lowest = 1 if causal else 0
-    if not (lowest <= t0 < t1 <= n_tokens):
-        raise InputError(f"target_range: expected {lowest} <= start < end <= {n_tokens}, got ({t0}, {t1})")
-    if causal and t0 < source_ranges[-1][1]:
-        raise InputError(f"target_range: the target ({t0}, {t1}) must come after every source for a causal model")
-
-
-def membership(source_ranges: Sequence[Span], n_tokens: int) -> Float[Tensor, "pos source"]:
-    """One-hot matrix: entry ``[k, s]`` is 1 when token ``k`` belongs to source ``s``."""
-    m = torch.zeros(n_tokens, len(source_ranges))
-    for s, (a, b) in enumerate(source_ranges):
-        m[a:b, s] = 1.0
-    return m
-
-
-def query_rows(target_range: Span, causal: bool) -> slice:
-    """The query rows whose outputs produce the target tokens (shifted by one for a causal model)."""
-    t0, t1 = target_range
-    return slice(t0 - 1, t1 - 1) if causal else slice(t0, t1)
+from at2_lens.tasks import Span
 
 
 @dataclass(frozen=True)
@@ -105,8 +73,9 @@ def extract_features(
 
     def make_hook(layer: int) -> Any:
         def hook(pattern: Tensor, hook: Any) -> None:
-            # [1, head, row, key] @ [key, source] -> [row, source, head]
-            reduced = torch.einsum("bhrk,ks->rsh", pattern[:, :, rows, :].float(), member)
+            reduced = einsum(
+                pattern[:, :, rows, :].float(), member, "batch head row key, key source -> row source head"
+            )
             if not torch.isfinite(reduced).all():
                 raise NumericalError(
                     f"attention of layer {layer} holds NaN or inf (e.g. a row whose every key is masked); refusing "
@@ -125,3 +94,6 @@ def extract_features(
         lp = torch.log_softmax(logits[0, rows].float(), dim=-1)
         logprobs = lp.gather(-1, ids[0, t0:t1, None].to(lp.device))[:, 0].cpu()
     return FeaturePass(feats, logprobs, target_range)
+
+
+__all__ = ["FeaturePass", "extract_features"]

@@ -1,7 +1,7 @@
-"""Ablation baselines: leave-one-out and the ContextCite linear surrogate.
+"""Perturbation baselines: leave-one-out and the ContextCite linear surrogate.
 
 Both measure the model directly by ablating sources (by attention masking or by deleting the text; see
-``at2_lens.at2.ablation``), so they are the expensive references AT2 is compared with: leave-one-out costs one
+``at2_lens.ablation.modes``), so they are the expensive references AT2 is compared with: leave-one-out costs one
 forward pass per source plus one, ContextCite one per random ablation (32–256).
 """
 
@@ -17,15 +17,22 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from at2_lens._typing import typechecked
-from at2_lens.at2.ablation import AblationMode, check_mode, random_masks
-from at2_lens.at2.outputs import OutputType, check_output_type
+from at2_lens._validate import check_fraction, check_int, check_positive
+from at2_lens.ablation import (
+    OUTPUT_UNITS,
+    AblationMode,
+    OutputType,
+    TaskAblationFn,
+    ablation_fn,
+    check_mode,
+    check_output_type,
+    full_keep,
+    random_masks,
+)
 from at2_lens.backends import get_backend
-from at2_lens.baselines._common import TaskAblationFn, ablation_fn, make_result, resolve_task
 from at2_lens.errors import InputError, NumericalError
 from at2_lens.results import SourceAttribution
-from at2_lens.tasks import ContextTask, TargetSpan, TokenizedTask
-
-_UNITS = {"logit_prob": "logit-probability of the target", "log_prob": "log-probability of the target (nats)"}
+from at2_lens.tasks import ContextTask, TargetSpan, TokenizedTask, prepare_task
 
 
 class _AblationAttribution(PerturbationAttribution):
@@ -44,8 +51,7 @@ class _AblationAttribution(PerturbationAttribution):
         super().__init__(forward_func)
         if not backend.is_causal:
             raise InputError("forward_func: ablation baselines attribute generated responses; need a decoder")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise InputError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+        check_int("batch_size", batch_size)
         self.backend = backend
         self.mode: AblationMode = check_mode(mode)
         self.output: OutputType = check_output_type(output)
@@ -95,13 +101,15 @@ class LeaveOneOut(_AblationAttribution):
         max_new_tokens: int = 64,
     ) -> SourceAttribution:
         """Score every source by the fall in the target's output when it alone is ablated."""
-        task = resolve_task(self.backend, inputs, target, max_new_tokens)
+        task = prepare_task(self.backend, inputs, max_new_tokens, target)
         n = task.n_sources
-        masks = torch.cat([torch.ones(1, n, dtype=torch.bool), ~torch.eye(n, dtype=torch.bool)])
+        masks = torch.cat([full_keep(n), ~torch.eye(n, dtype=torch.bool)])
         out = self._outputs(task, masks)
         scores = out[0] - out[1:]
-        return make_result(task, scores, method=f"leave-one-out ({self.mode})", units=f"drop in {_UNITS[self.output]}",
-                           forward_passes=n + 1, full_output=float(out[0]), mode=self.mode, output=self.output)
+        return SourceAttribution.from_task(
+            task, scores, method=f"leave-one-out ({self.mode})", units=f"drop in {OUTPUT_UNITS[self.output]}",
+            forward_passes=n + 1, full_output=float(out[0]), mode=self.mode, output=self.output,
+        )
 
 
 @typechecked
@@ -118,8 +126,7 @@ def fit_lasso_surrogate(
     from sklearn.linear_model import Lasso
     from sklearn.preprocessing import StandardScaler
 
-    if alpha <= 0:
-        raise InputError(f"alpha: expected > 0, got {alpha}")
+    check_positive("alpha", alpha)
     if masks.shape[0] < 2:
         raise InputError(f"masks: need at least 2 ablations to fit a surrogate, got {masks.shape[0]}")
     x = masks.detach().cpu().double().numpy()
@@ -169,12 +176,9 @@ class ContextCite(_AblationAttribution):
         ablate: TaskAblationFn | None = None,
     ) -> None:
         super().__init__(forward_func, mode=mode, output=output, batch_size=batch_size, ablate=ablate)
-        if isinstance(n_ablations, bool) or not isinstance(n_ablations, int) or n_ablations < 2:
-            raise InputError(f"n_ablations: expected an int >= 2, got {n_ablations!r}")
-        if isinstance(keep_prob, bool) or not isinstance(keep_prob, int | float) or not 0.0 < keep_prob < 1.0:
-            raise InputError(f"keep_prob: expected a probability in (0, 1), got {keep_prob!r}")
-        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha > 0:
-            raise InputError(f"alpha: expected > 0, got {alpha}")
+        check_int("n_ablations", n_ablations, minimum=2)
+        check_fraction("keep_prob", keep_prob)
+        check_positive("alpha", alpha)
         self.n_ablations = n_ablations
         self.keep_prob = keep_prob
         self.alpha = alpha
@@ -192,11 +196,12 @@ class ContextCite(_AblationAttribution):
         max_new_tokens: int = 64,
     ) -> SourceAttribution:
         """Fit the surrogate on ``n_ablations`` random ablations of ``inputs``; its weights are the scores."""
-        task = resolve_task(self.backend, inputs, target, max_new_tokens)
+        task = prepare_task(self.backend, inputs, max_new_tokens, target)
         masks = self.masks_for(task.n_sources)
         out = self._outputs(task, masks)
         weights, intercept = fit_lasso_surrogate(masks, out, self.alpha)
-        return make_result(task, weights, method=f"ContextCite ({self.n_ablations} ablations, {self.mode})",
-                           units=f"{_UNITS[self.output]} per kept source (LASSO weight)",
-                           forward_passes=self.n_ablations, intercept=intercept, mode=self.mode, output=self.output,
-                           n_ablations=self.n_ablations)
+        return SourceAttribution.from_task(
+            task, weights, method=f"ContextCite ({self.n_ablations} ablations, {self.mode})",
+            units=f"{OUTPUT_UNITS[self.output]} per kept source (LASSO weight)", forward_passes=self.n_ablations,
+            intercept=intercept, mode=self.mode, output=self.output, n_ablations=self.n_ablations,
+        )

@@ -12,16 +12,20 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from at2_lens.errors import InputError
+from at2_lens._validate import check_choice
 
 OutputType = Literal["logit_prob", "log_prob"]
 OUTPUT_TYPES: tuple[str, ...] = ("logit_prob", "log_prob")
+OUTPUT_UNITS: dict[str, str] = {
+    "logit_prob": "logit-probability of the target",
+    "log_prob": "log-probability of the target (nats)",
+}
+"""What each output type measures, in words (for a result's ``units``)."""
 
 
 def check_output_type(output: str) -> OutputType:
-    if output not in OUTPUT_TYPES:
-        raise InputError(f"output: expected one of {OUTPUT_TYPES}, got {output!r}")
-    return output  # type: ignore[return-value]
+    """``output`` if it is one of :data:`OUTPUT_TYPES`, else InputError naming ``output``."""
+    return check_choice("output", output, OUTPUT_TYPES)  # type: ignore[return-value]
 
 
 def log1mexp(x: Tensor) -> Tensor:
@@ -46,3 +50,14 @@ def output_from_logprob(log_p: Tensor, output: OutputType = "logit_prob") -> Ten
     """Convert a span log-probability to the requested output type."""
     log_p = log_p.double()
     return (log_p if output == "log_prob" else log_p - log1mexp(log_p)).float()
+
+
+__all__ = [
+    "OUTPUT_TYPES",
+    "OUTPUT_UNITS",
+    "OutputType",
+    "check_output_type",
+    "log1mexp",
+    "output_from_logprob",
+    "span_output",
+]

@@ -1,0 +1,94 @@
+"""Task preparation for a model: check tasks before any model work, tokenize them, generate missing responses.
+
+Every method's ``attribute`` and every runner (``evaluate``, ``collect``) goes through :func:`prepare_task`, so a
+``target`` means the same thing everywhere and bad input is refused before the first forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from at2_lens._validate import check_int
+from at2_lens.errors import InputError
+from at2_lens.tasks.context import ContextTask, TargetSpan, TokenizedTask, as_target_span
+
+if TYPE_CHECKING:
+    from at2_lens.backends import Backend
+
+
+def prepare_task(
+    backend: Backend,
+    task: ContextTask | TokenizedTask,
+    max_new_tokens: int = 64,
+    target: TargetSpan | Sequence[int] | None = None,
+) -> TokenizedTask:
+    """Tokenize a task for ``backend``'s model, generating the response greedily when the task has none.
+
+    ``target`` (a ``TargetSpan``, or a ``(start, end)`` character range of the response) overrides the task's own.
+    Everything that can be checked without the model (the target's form, the generation budget, the prompt's
+    length and token ids) is checked before any generation or forward pass.
+    """
+    check_int("max_new_tokens", max_new_tokens)
+    span = as_target_span(target, "char")
+    if span is not None and span.unit == "token" and _needs_generation(task) and span.end > max_new_tokens:
+        raise InputError(
+            f"target: token span ({span.start}, {span.end}) cannot lie inside a response of at most "
+            f"max_new_tokens={max_new_tokens} tokens"
+        )
+    tokenized = _tokenized(backend, task, max_new_tokens)
+    if span is None:
+        return tokenized
+    if span.unit == "char":
+        return tokenized.with_target(char_range=(span.start, span.end))
+    return tokenized.with_target(token_range=(span.start, span.end))
+
+
+def _needs_generation(task: object) -> bool:
+    return isinstance(task, ContextTask) and task.response is None
+
+
+def _check_task(backend: Backend, task: object, name: str) -> None:
+    """The checks of a task that need neither the tokenizer nor the model: a ``TokenizedTask`` has a response and
+    valid token ids; anything else must be a ``ContextTask``. Errors name ``name``."""
+    if isinstance(task, TokenizedTask):
+        if task.response is None:
+            raise InputError(f"{name}: the TokenizedTask has no response; attach one with with_response()")
+        backend.check_tokens(task.input_ids, name=f"{name}.input_ids")
+    elif not isinstance(task, ContextTask):
+        raise InputError(f"{name}: expected a ContextTask or TokenizedTask, got {type(task).__name__}")
+
+
+def check_tasks(backend: Backend, tasks: Sequence[object], name: str = "tasks") -> None:
+    """Validate every task against ``backend``'s model before any model work: each is a ``ContextTask`` whose
+    prompt (and response, when given) tokenizes within the context window, or a ``TokenizedTask`` with a response
+    and valid token ids. Tokenizing costs far less than one forward pass; errors name the task's index."""
+    if isinstance(tasks, str | bytes | ContextTask | TokenizedTask) or not isinstance(tasks, Sequence):
+        raise InputError(f"{name}: expected a sequence of ContextTask or TokenizedTask, got {type(tasks).__name__}")
+    if not tasks:
+        raise InputError(f"{name}: expected at least one task")
+    for i, task in enumerate(tasks):
+        _check_task(backend, task, f"{name}[{i}]")
+        if isinstance(task, ContextTask):
+            try:
+                task.tokenize(backend.tokenizer, max_length=backend.n_ctx)
+            except InputError as exc:
+                raise InputError(f"{name}[{i}]: {exc}") from None
+
+
+def _tokenized(backend: Backend, task: ContextTask | TokenizedTask, max_new_tokens: int) -> TokenizedTask:
+    """The task tokenized, with its response generated greedily when it has none."""
+    _check_task(backend, task, "inputs")
+    if isinstance(task, TokenizedTask):
+        return task
+    tok = backend.tokenizer
+    if task.response is not None:
+        return task.tokenize(tok, max_length=backend.n_ctx)
+    prompt = task.tokenize(tok, max_length=backend.n_ctx)
+    new_ids = backend.generate_greedy(prompt.input_ids, max_new_tokens=max_new_tokens)
+    if len(new_ids) == 0:
+        raise InputError("inputs: the model produced an empty response; give a response or another prompt")
+    return prompt.with_response(tok, new_ids.tolist(), target=task.target, max_length=backend.n_ctx)
+
+
+__all__ = ["check_tasks", "prepare_task"]
