@@ -17,6 +17,7 @@ _EXPORTS: dict[str, str] = {
     "ContextTask": "at2_lens.tasks",
     "TargetSpan": "at2_lens.tasks",
     "AT2Attribution": "at2_lens.at2.attribution",
+    "AT2Refined": "at2_lens.at2.refined",
     "load_estimator": "at2_lens.at2.pretrained",
     "LinearEstimator": "at2_lens.at2.estimator",
     "SourceAttribution": "at2_lens.results",
@@ -31,6 +32,7 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = [
     "AT2Attribution",
+    "AT2Refined",
     "AttentionAttribution",
     "Backend",
     "CaptumLM",
@@ -63,6 +65,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from at2_lens.at2.attribution import AT2Attribution
     from at2_lens.at2.estimator import LinearEstimator
+    from at2_lens.at2.refined import AT2Refined
     from at2_lens.at2.pretrained import load_estimator
     from at2_lens.attattr import AttentionAttribution, PooledOutput
     from at2_lens.backends import Backend, get_backend

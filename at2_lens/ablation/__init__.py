@@ -11,7 +11,7 @@ ablation modes, the target's output, attention read by the target's rows, and ab
 AT2 (``at2_lens.at2``), the baselines, the evaluation and the interop layer all import from here.
 """
 
-from at2_lens.ablation.features import FeaturePass, extract_features
+from at2_lens.ablation.features import DEFAULT_LAYOUT, FeatureOptions, FeaturePass, extract_features
 from at2_lens.ablation.ground_truth import EVAL_SEED_SALT, GroundTruth, ground_truth
 from at2_lens.ablation.masks import full_keep, random_masks, token_keep, topk_masks
 from at2_lens.ablation.modes import (
@@ -38,11 +38,13 @@ from at2_lens.ablation.positions import check_spans, membership, query_rows
 
 __all__ = [
     "ABLATION_MODES",
+    "DEFAULT_LAYOUT",
     "EVAL_SEED_SALT",
     "OUTPUT_TYPES",
     "OUTPUT_UNITS",
     "AblationFn",
     "AblationMode",
+    "FeatureOptions",
     "FeaturePass",
     "GroundTruth",
     "OutputType",

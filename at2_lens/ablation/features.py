@@ -4,13 +4,20 @@ For a source ``s`` and head ``(l, h)``: ``φ[s, l, h] = Σ_{k ∈ s} mean_{t ∈
 from the query rows that produce the target (:func:`~at2_lens.ablation.positions.query_rows`) to the source's
 keys. Each layer's hook reduces its pattern rows to ``[row, source, head]`` immediately, so a full
 ``[layers, heads, N, N]`` cache never exists.
+
+:class:`FeatureOptions` names the other one-pass feature families (measured in the model card's ceiling study):
+how a source's tokens are pooled (``sum``, ``mean``, ``max``), whether each key's attention is weighted by the norm
+of what it writes (``‖v_k W_O‖``, Kobayashi et al. 2020), whether the attention-sink mass (keys outside every
+source: BOS, template tokens) is removed before pooling, and how target rows are weighted (uniformly, or by each
+target token's surprisal or next-token entropy, known from the same pass). An estimator records the options it was
+trained with, and attribution reads the same family.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
 
 import torch
 from einops import einsum
@@ -18,10 +25,68 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from at2_lens._typing import typechecked
+from at2_lens._validate import check_choice
 from at2_lens.ablation.positions import check_spans, membership, query_rows
 from at2_lens.backends import Backend, get_backend
 from at2_lens.errors import InputError, NumericalError
 from at2_lens.tasks import Span
+
+SourcePooling = Literal["sum", "mean", "max"]
+TargetWeighting = Literal["uniform", "surprisal", "entropy"]
+SOURCE_POOLINGS: tuple[str, ...] = ("sum", "mean", "max")
+TARGET_WEIGHTINGS: tuple[str, ...] = ("uniform", "surprisal", "entropy")
+DEFAULT_LAYOUT = "per_head_mean_target_sum_source"
+_VALUE_TAG, _SINK_TAG = "+value_norm", "+sink_removed"
+
+
+@dataclass(frozen=True)
+class FeatureOptions:
+    """Which one-pass attention feature family to read (the default is AT2's own).
+
+    Args:
+        source_pooling: ``"sum"`` (AT2), ``"mean"`` or ``"max"`` over a source's key tokens.
+        target_weighting: ``"uniform"`` mean over target rows (AT2), or rows weighted by the target token's
+            surprisal (``-log p``) or by the entropy of the next-token distribution.
+        value_weighted: weight each key's attention by ``‖v_k W_O^h‖`` (the norm of what the head writes from it).
+        drop_sink: divide each row's attention to sources by its total attention to all sources, removing the mass
+            on tokens outside every source (BOS, chat template, question).
+    """
+
+    source_pooling: SourcePooling = "sum"
+    target_weighting: TargetWeighting = "uniform"
+    value_weighted: bool = False
+    drop_sink: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice("source_pooling", self.source_pooling, SOURCE_POOLINGS)
+        check_choice("target_weighting", self.target_weighting, TARGET_WEIGHTINGS)
+        for name in ("value_weighted", "drop_sink"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name}: expected True or False, got {getattr(self, name)!r}")
+
+    @property
+    def layout_name(self) -> str:
+        """The name recorded in estimator and store files (AT2's default: ``per_head_mean_target_sum_source``)."""
+        weighting = "mean" if self.target_weighting == "uniform" else f"{self.target_weighting}_weighted"
+        name = f"per_head_{weighting}_target_{self.source_pooling}_source"
+        return name + (_VALUE_TAG if self.value_weighted else "") + (_SINK_TAG if self.drop_sink else "")
+
+    @classmethod
+    def from_layout_name(cls, name: str) -> FeatureOptions:
+        """The options a layout name stands for; an unknown name is an InputError."""
+        if not isinstance(name, str):
+            raise InputError(f"feature_layout: expected a layout name, got {name!r}")
+        for weighting in TARGET_WEIGHTINGS:
+            for pooling in SOURCE_POOLINGS:
+                for value in (False, True):
+                    for sink in (False, True):
+                        options = cls(pooling, weighting, value, sink)  # type: ignore[arg-type]
+                        if options.layout_name == name:
+                            return options
+        raise InputError(f"feature_layout: unknown feature layout {name!r} (e.g. {DEFAULT_LAYOUT!r})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -35,10 +100,15 @@ class FeaturePass:
     row_features: Float[Tensor, "target source layer head"]
     token_logprobs: Float[Tensor, " target"] | None
     target_range: Span
+    row_weights: Float[Tensor, " target"] | None = None  # None: uniform (AT2's mean over target rows)
 
     def features(self, sub_range: Span | None = None) -> Float[Tensor, "source layer head"]:
         """AT2 features of the whole target, or of a token sub-range ``[a, b)`` (absolute positions) of it."""
-        return self.row_features[self._rows(sub_range)].mean(dim=0)
+        rows = self._rows(sub_range)
+        if self.row_weights is None:
+            return self.row_features[rows].mean(dim=0)
+        w = self.row_weights[rows]
+        return einsum(w / w.sum(), self.row_features[rows], "row, row source layer head -> source layer head")
 
     def _rows(self, sub_range: Span | None) -> slice:
         t0, t1 = self.target_range
@@ -59,23 +129,56 @@ def extract_features(
     target_range: Span,
     *,
     with_logprobs: bool = True,
+    options: FeatureOptions | None = None,
 ) -> FeaturePass:
-    """Read AT2 features (and the target's token log-probs) in a single forward pass."""
+    """Read AT2 features (and the target's token log-probs) in a single forward pass.
+
+    ``options`` chooses the feature family (default: AT2's, :class:`FeatureOptions`); row weighting by surprisal
+    or entropy needs a causal model (they come from the logits of the same pass).
+    """
+    options = FeatureOptions() if options is None else options
+    if not isinstance(options, FeatureOptions):
+        raise InputError(f"options: expected FeatureOptions or None, got {type(options).__name__}")
     backend: Backend = get_backend(model)
     ids = backend.check_tokens(input_ids, name="input_ids")
     n = ids.shape[1]
     causal = backend.is_causal
     check_spans(source_ranges, target_range, n, causal)
     _ = backend.attention_access  # raises clearly if attention cannot be read
+    if options.target_weighting != "uniform" and not causal:
+        raise InputError(f"options: target_weighting={options.target_weighting!r} needs a causal (decoder) model")
     member = membership(source_ranges, n).to(backend.device)
     rows = query_rows(target_range, causal)
     per_layer: list[Tensor | None] = [None] * backend.n_layers
+    value_norms: dict[int, Tensor] = {}
+    w_o = backend.model.W_O.detach() if options.value_weighted else None  # [layer, head, d_head, d_model]
+
+    def value_hook(layer: int) -> Any:
+        def hook(v: Tensor, hook: Any) -> None:
+            v = v[0].float()  # [key, kv_head, d_head]; grouped-query heads share a value head
+            if v.shape[1] != backend.n_heads:
+                v = v.repeat_interleave(backend.n_heads // v.shape[1], dim=1)
+            assert w_o is not None
+            written = einsum(v, w_o[layer].float().to(v.device), "key head d, head d model -> key head model")
+            value_norms[layer] = written.norm(dim=-1)
+
+        return hook
 
     def make_hook(layer: int) -> Any:
         def hook(pattern: Tensor, hook: Any) -> None:
-            reduced = einsum(
-                pattern[:, :, rows, :].float(), member, "batch head row key, key source -> row source head"
-            )
+            a = pattern[0, :, rows, :].float()  # [head, row, key]
+            if options.value_weighted:
+                a = a * value_norms[layer].T[:, None, :]
+            if options.source_pooling == "max":
+                pooled = [a[:, :, s0:s1].amax(dim=-1) for s0, s1 in source_ranges]
+                reduced = torch.stack(pooled, dim=-1).permute(1, 2, 0)  # [row, source, head]
+            else:
+                reduced = einsum(a, member, "head row key, key source -> row source head")
+                if options.source_pooling == "mean":
+                    reduced = reduced / member.sum(dim=0)[None, :, None]
+            if options.drop_sink:
+                total = reduced.sum(dim=1, keepdim=True)
+                reduced = torch.where(total > 0, reduced / total.clamp_min(1e-12), torch.zeros_like(reduced))
             if not torch.isfinite(reduced).all():
                 raise NumericalError(
                     f"attention of layer {layer} holds NaN or inf (e.g. a row whose every key is masked); refusing "
@@ -85,15 +188,32 @@ def extract_features(
 
         return hook
 
-    hooks = [(backend.pattern_hook(layer), make_hook(layer)) for layer in range(backend.n_layers)]
+    hooks = []
+    for layer in range(backend.n_layers):
+        if options.value_weighted:
+            hooks.append((backend.v_hook(layer), value_hook(layer)))
+        hooks.append((backend.pattern_hook(layer), make_hook(layer)))
     logits = backend.run(ids, hooks)
     feats = torch.stack([p for p in per_layer if p is not None], dim=2).cpu()  # [row, source, layer, head]
-    logprobs = None
-    if with_logprobs and causal:
+    logprobs = weights = None
+    if (with_logprobs or options.target_weighting != "uniform") and causal:
         t0, t1 = target_range
         lp = torch.log_softmax(logits[0, rows].float(), dim=-1)
         logprobs = lp.gather(-1, ids[0, t0:t1, None].to(lp.device))[:, 0].cpu()
-    return FeaturePass(feats, logprobs, target_range)
+        if options.target_weighting == "surprisal":
+            weights = (-logprobs).clamp_min(0) + 1e-3
+        elif options.target_weighting == "entropy":
+            weights = (-(lp.exp() * lp).sum(dim=-1)).clamp_min(0).cpu() + 1e-3
+    return FeaturePass(feats, logprobs if with_logprobs else None, target_range, weights)
 
 
-__all__ = ["FeaturePass", "extract_features"]
+__all__ = [
+    "DEFAULT_LAYOUT",
+    "SOURCE_POOLINGS",
+    "TARGET_WEIGHTINGS",
+    "FeatureOptions",
+    "FeaturePass",
+    "SourcePooling",
+    "TargetWeighting",
+    "extract_features",
+]

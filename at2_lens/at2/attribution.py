@@ -100,18 +100,18 @@ class AT2Attribution(Attribution):
         t_range = task.target_token_range
         assert t_range is not None and task.response is not None and task.target_text is not None
         feats = fpass.features(t_range)
-        scores = self.estimator.score(feats)
+        scores = self.estimator.calibrated(self.estimator.score(feats))
         if not torch.isfinite(scores).all():
             raise NumericalError("scores: the estimator produced NaN or inf scores from finite features")
         token_scores = target_tokens = None
         if per_token:
             t0, t1 = t_range
             r0 = t0 - fpass.target_range[0]
-            token_scores = self.estimator.score(fpass.row_features[r0 : r0 + (t1 - t0)])
+            token_scores = self.estimator.calibrated(self.estimator.score(fpass.row_features[r0 : r0 + (t1 - t0)]))
             target_tokens = task.target_tokens(self.backend.tokenizer)
         return SourceAttribution.from_task(
             task, scores, method="AT2" if self.estimator.training else "average attention (uniform AT2 weights)",
-            units="unitless (L1-normalised head weights x attention)", forward_passes=self.forward_passes - before,
+            units=self.estimator.units, forward_passes=self.forward_passes - before,
             token_scores=token_scores, target_tokens=target_tokens,
         )
 
@@ -125,7 +125,10 @@ class AT2Attribution(Attribution):
         if key in self._passes:
             self._passes.move_to_end(key)
             return self._passes[key]
-        fpass = extract_features(self.backend.model, task.input_ids, list(task.source_token_ranges), resp)
+        fpass = extract_features(
+            self.backend.model, task.input_ids, list(task.source_token_ranges), resp,
+            options=self.estimator.feature_options,
+        )
         self.forward_passes += 1
         self._passes[key] = fpass
         while len(self._passes) > _CACHE_SIZE:

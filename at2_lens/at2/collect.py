@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from at2_lens.ablation import (
     AblationMode,
+    FeatureOptions,
     OutputType,
     ablation_fn,
     check_mode,
@@ -49,8 +50,15 @@ def collect(
     max_new_tokens: int = 48,
     progress: bool = True,
     extra_settings: dict[str, Any] | None = None,
+    features: FeatureOptions | None = None,
 ) -> AblationStore:
-    """Collect ablation data for ``tasks`` into ``store_dir`` (resumable, shardable); returns the store."""
+    """Collect ablation data for ``tasks`` into ``store_dir`` (resumable, shardable); returns the store.
+
+    ``features`` chooses the one-pass feature family stored (default AT2's); the store records it.
+    """
+    features = FeatureOptions() if features is None else features
+    if not isinstance(features, FeatureOptions):
+        raise InputError(f"features: expected FeatureOptions or None, got {type(features).__name__}")
     backend = get_backend(model)
     mode, output = check_mode(mode), check_output_type(output)
     if not tasks:
@@ -75,6 +83,7 @@ def collect(
         n_masks=n_masks,
         keep_prob=keep_prob,
         seed=seed,
+        feature_layout=features.layout_name,
         extra=extra_settings or {},
     )
     store = AblationStore(store_dir, settings)
@@ -97,7 +106,8 @@ def collect_example(
     tt = prepare_task(backend, task, max_new_tokens)
     assert tt.target_token_range is not None and tt.response is not None
     sources = list(tt.source_token_ranges)
-    fpass = extract_features(backend.model, tt.input_ids, sources, tt.target_token_range)
+    options = FeatureOptions.from_layout_name(settings.feature_layout)
+    fpass = extract_features(backend.model, tt.input_ids, sources, tt.target_token_range, options=options)
     assert fpass.token_logprobs is not None
     masks = random_masks(len(sources), settings.n_masks, settings.keep_prob, seed=settings.seed, index=index)
     output: OutputType = settings.output_type  # type: ignore[assignment]

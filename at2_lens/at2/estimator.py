@@ -7,7 +7,12 @@ File format: a single safetensors file (suffix ``.safetensors`` recommended) hol
      "feature_layout": {"name": "per_head_mean_target_sum_source", "n_layers": L, "n_heads": H},
      "ablation_mode": "mask" | "remove", "output_type": "logit_prob" | "log_prob",
      "granularity": "token" | ..., "model_fingerprint": {...}, "training": {...} | null,
-     "weights_sha256": "<hex>"}
+     "calibration": {"scale": a, "offset": b, "units": "..."} (optional), "weights_sha256": "<hex>"}
+
+The feature layout names the one-pass feature family the weights apply to (``FeatureOptions.layout_name``; AT2's
+own is ``per_head_mean_target_sum_source``); loading refuses an unknown one, and attribution reads that family.
+The optional calibration maps scores to output units, ``a · score + b`` (fitted on the training store, see
+``at2_lens.at2.training.calibrate``); files without it give unitless scores.
 
 ``weights_sha256`` (the sha256 of the weights as little-endian float32 bytes) lets a flipped bit in the data section
 be detected; files written before it existed have no such entry and are read without that check.
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,10 +39,10 @@ from at2_lens._io import SafetensorsParseError, atomic_write_bytes, canonical_js
 from at2_lens._io import safetensors_bytes as _safetensors_bytes
 from at2_lens._typing import typechecked
 from at2_lens._validate import check_choice, check_int
-from at2_lens.ablation import ABLATION_MODES, OUTPUT_TYPES
+from at2_lens.ablation import ABLATION_MODES, DEFAULT_LAYOUT, OUTPUT_TYPES, FeatureOptions
 from at2_lens.errors import EstimatorFileError, InputError
 
-FEATURE_LAYOUT = "per_head_mean_target_sum_source"
+FEATURE_LAYOUT = DEFAULT_LAYOUT
 ESTIMATOR_FORMAT = "at2_lens.linear_estimator"
 ESTIMATOR_FORMAT_VERSION = 1
 ESTIMATOR_META_KEY = "at2_lens_estimator"
@@ -103,6 +109,23 @@ def compare_fingerprints(
     return diffs
 
 
+def check_calibration(calibration: Any) -> dict[str, Any] | None:
+    """None, or ``{"scale": a > 0, "offset": b, "units": str, ...}`` with finite numbers (other keys: provenance)."""
+    if calibration is None:
+        return None
+    if not isinstance(calibration, dict):
+        raise InputError(f"calibration: expected a dict or None, got {type(calibration).__name__}")
+    for key in ("scale", "offset"):
+        value = calibration.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise InputError(f"calibration: {key!r} must be a finite number, got {value!r}")
+    if calibration["scale"] <= 0:
+        raise InputError(f"calibration: 'scale' must be > 0 (scores keep their order), got {calibration['scale']!r}")
+    if not isinstance(calibration.get("units"), str) or not calibration["units"]:
+        raise InputError("calibration: 'units' must name what a calibrated score means")
+    return dict(calibration)
+
+
 @dataclass(eq=False)
 class LinearEstimator:
     """AT2's learned head weighting: ``score(s) = Σ_{l,h} w[l, h] · φ[s][l, h]``.
@@ -119,6 +142,7 @@ class LinearEstimator:
     model_fingerprint: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] | None = None
     feature_layout: str = FEATURE_LAYOUT
+    calibration: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         w = torch.as_tensor(self.weights)
@@ -131,8 +155,8 @@ class LinearEstimator:
         check_choice("output_type", self.output_type, OUTPUT_TYPES)
         if not isinstance(self.granularity, str) or not self.granularity:
             raise InputError(f"granularity must be a non-empty string, got {self.granularity!r}")
-        if self.feature_layout != FEATURE_LAYOUT:
-            raise InputError(f"feature_layout must be {FEATURE_LAYOUT!r}, got {self.feature_layout!r}")
+        FeatureOptions.from_layout_name(self.feature_layout)  # an unknown layout is an InputError
+        self.calibration = check_calibration(self.calibration)
         if not isinstance(self.model_fingerprint, dict):
             raise InputError("model_fingerprint must be a dict")
         if self.training is not None and not isinstance(self.training, dict):
@@ -145,6 +169,24 @@ class LinearEstimator:
         check_int("n_layers", n_layers)
         check_int("n_heads", n_heads)
         return cls(torch.full((n_layers, n_heads), 1.0 / (n_layers * n_heads)), **kwargs)
+
+    @property
+    def feature_options(self) -> FeatureOptions:
+        """The feature family these weights apply to (read it with ``extract_features(..., options=...)``)."""
+        return FeatureOptions.from_layout_name(self.feature_layout)
+
+    def calibrated(self, scores: Tensor) -> Tensor:
+        """``scale · scores + offset`` when the estimator is calibrated, else the scores unchanged."""
+        if self.calibration is None:
+            return scores
+        return scores * float(self.calibration["scale"]) + float(self.calibration["offset"])
+
+    @property
+    def units(self) -> str:
+        """What a (calibrated) score means."""
+        if self.calibration is None:
+            return "unitless (L1-normalised head weights x attention)"
+        return str(self.calibration["units"])
 
     @property
     def n_layers(self) -> int:
@@ -178,6 +220,7 @@ class LinearEstimator:
             "granularity": self.granularity,
             "model_fingerprint": self.model_fingerprint,
             "training": self.training,
+            **({} if self.calibration is None else {"calibration": self.calibration}),
             "weights_sha256": weights_sha256(self.weights),
         }
 
@@ -252,8 +295,11 @@ def load_estimator_file(path: Path | str, expected_fingerprint: dict[str, Any] |
             f"this version reads <= {ESTIMATOR_FORMAT_VERSION}"
         )
     layout = meta.get("feature_layout")
-    if not isinstance(layout, dict) or layout.get("name") != FEATURE_LAYOUT:
-        raise _bad(path, f"unknown feature layout {layout!r}")
+    try:
+        FeatureOptions.from_layout_name(layout.get("name") if isinstance(layout, dict) else None)  # type: ignore[arg-type]
+    except InputError:
+        raise _bad(path, f"unknown feature layout {layout!r}") from None
+    assert isinstance(layout, dict)
     n_layers, n_heads = layout.get("n_layers"), layout.get("n_heads")
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (n_layers, n_heads)):
         raise _bad(path, f"invalid n_layers/n_heads in metadata: {n_layers!r}, {n_heads!r}")
@@ -287,6 +333,10 @@ def load_estimator_file(path: Path | str, expected_fingerprint: dict[str, Any] |
                 f"{path}: model_fingerprint says {key}={fingerprint[key]!r} but the feature layout says "
                 f"{key}={layout[key]!r}; the file is inconsistent"
             )
+    try:
+        calibration = check_calibration(meta.get("calibration"))
+    except InputError as exc:
+        raise _bad(path, str(exc)) from None
     checksum = meta.get("weights_sha256")
     if checksum is not None and checksum != weights_sha256(weights):
         raise _bad(path, "the weights do not match the weights_sha256 checksum in the metadata (the data is damaged)")
@@ -297,6 +347,8 @@ def load_estimator_file(path: Path | str, expected_fingerprint: dict[str, Any] |
         granularity=granularity,
         model_fingerprint=fingerprint,
         training=training,
+        feature_layout=layout["name"],
+        calibration=calibration,
     )
     if expected_fingerprint is not None:
         diffs = compare_fingerprints(fingerprint, expected_fingerprint)

@@ -52,7 +52,7 @@ from at2_lens._io import (
     safetensors_bytes,
 )
 from at2_lens._validate import check_choice, check_fraction, check_int
-from at2_lens.ablation import ABLATION_MODES, OUTPUT_TYPES, random_masks
+from at2_lens.ablation import ABLATION_MODES, OUTPUT_TYPES, FeatureOptions, random_masks
 from at2_lens.at2.estimator import FEATURE_LAYOUT
 from at2_lens.errors import InputError, StoreError
 
@@ -265,8 +265,7 @@ class StoreSettings:
         if not isinstance(self.granularity, str) or not self.granularity:
             raise InputError(f"granularity must be a non-empty string, got {self.granularity!r}")
         check_fraction("keep_prob", self.keep_prob)
-        if self.feature_layout != FEATURE_LAYOUT:
-            raise InputError(f"feature_layout must be {FEATURE_LAYOUT!r}, got {self.feature_layout!r}")
+        FeatureOptions.from_layout_name(self.feature_layout)  # an unknown layout is an InputError
         try:
             canonical_json(self.to_dict())
         except (TypeError, ValueError) as exc:

@@ -306,6 +306,7 @@ def _train(
             "output_type": settings.output_type,
             "granularity": settings.granularity,
             "model_fingerprint": settings.model_fingerprint,
+            "feature_layout": settings.feature_layout,
         }
     estimator = LinearEstimator(final.reshape(n_layers, n_heads), training=summary.to_dict(), **meta)
     return estimator, summary
@@ -321,3 +322,47 @@ def train_from_store(
     if not examples:
         raise InputError(f"store {store.root} holds no examples")
     return train_estimator(examples, held_out=held_out, settings=store.settings, **kwargs)
+
+
+def calibrate(
+    estimator: LinearEstimator, examples: list[AblationExample], *, with_offset: bool = False
+) -> LinearEstimator:
+    """A copy of ``estimator`` whose scores are in the examples' output units.
+
+    Fits ``y(m) − ȳ = a · Σ_s m_s score_s + b · |m|`` (centred per example, pooled over examples; ``|m|`` the
+    number of kept sources) by least squares, so that ``a · score_s + b`` is the average change of the output
+    (logit-probability for AT2's stores) when source ``s`` is kept rather than removed: the units ContextCite
+    reports. ``with_offset=False`` fixes ``b = 0``: a positive scale keeps every ranking (and LDS) as it is, while an
+    offset shifts each mask's predicted output by its number of kept sources.
+    """
+    if not isinstance(estimator, LinearEstimator):
+        raise InputError(f"estimator: expected a LinearEstimator, got {type(estimator).__name__}")
+    if not examples:
+        raise InputError("examples: expected at least one AblationExample to calibrate on")
+    xs, ys = [], []
+    for pos, ex in enumerate(examples):
+        if not isinstance(ex, AblationExample):
+            raise InputError(f"examples[{pos}]: expected an AblationExample, got {type(ex).__name__}")
+        kept = ex.masks.double()
+        pred = kept @ estimator.score(ex.features.float()).double()
+        count = kept.sum(dim=1)
+        xs.append(torch.stack([pred - pred.mean(), count - count.mean()], dim=1))
+        ys.append(ex.outputs.double() - ex.outputs.double().mean())
+    x, y = torch.cat(xs), torch.cat(ys)
+    x = x if with_offset else x[:, :1]
+    coef = torch.linalg.lstsq(x, y[:, None]).solution[:, 0]
+    scale, offset = float(coef[0]), float(coef[1]) if with_offset else 0.0
+    if not scale > 0:
+        raise InputError(f"examples: the fitted scale is {scale:.4g}; the scores do not predict the outputs")
+    output = "logit-probability" if estimator.output_type == "logit_prob" else "log-probability"
+    calibration = {
+        "scale": scale,
+        "offset": offset,
+        "units": f"predicted fall in the target's {output} when the source is removed (calibrated)",
+        "fitted_on": len(examples),
+    }
+    return LinearEstimator(
+        estimator.weights.clone(), ablation_mode=estimator.ablation_mode, output_type=estimator.output_type,
+        granularity=estimator.granularity, model_fingerprint=dict(estimator.model_fingerprint),
+        training=estimator.training, feature_layout=estimator.feature_layout, calibration=calibration,
+    )

@@ -43,6 +43,8 @@ METRIC_HELP: dict[str, str] = {
 METHOD_HELP: dict[str, str] = {
     "at2": "AT2 with --estimator (or the shipped estimator for the model); without one it is uniform weights, "
            "reported as 'at2_uniform' (= average attention). 1 forward pass",
+    "at2_refined{K}": "AT2's scores refined by K random ablations (default 8; at2_refined4, at2_refined16, ...): a "
+                      "surrogate shrunk towards AT2's scores. 1 + K forward passes",
     "avg_attention": "attention averaged over all layers and heads (= AT2 with uniform weights). 1 forward pass",
     "last_layer_attention": "attention averaged over the heads of the last layer. 1 forward pass",
     "loo": "leave-one-out, ablation by masking keys (loo_remove: deleting the text). n_sources + 1 forward passes",

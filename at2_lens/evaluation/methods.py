@@ -1,7 +1,8 @@
 """Attribution methods by name, for the ``evaluate`` command and the benchmark.
 
 Names: ``at2`` (AT2 with an estimator file, else the estimator shipped for the model, else uniform weights,
-reported as ``at2_uniform`` because it is then plain average attention), ``avg_attention``,
+reported as ``at2_uniform`` because it is then plain average attention), ``at2_refined{K}`` (AT2 refined by K
+ablations, default 8; mask mode unless suffixed ``_remove``), ``avg_attention``,
 ``last_layer_attention``, ``loo`` / ``loo_remove``, ``contextcite`` / ``contextcite{N}`` (N ablations, default 32;
 ``_remove`` suffix for text removal), ``gradxinput``, ``ig`` / ``ig{N}`` (N integration steps, default 20).
 Labels are canonical: ``loo_mask`` is reported as ``loo``, ``contextcite`` as ``contextcite32``, ``ig`` as ``ig20``.
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 _CC = re.compile(r"^contextcite(\d+)?(?:_(mask|remove))?$")
 _LOO = re.compile(r"^loo(?:_(mask|remove))?$")
 _IG = re.compile(r"^ig(\d+)?$")
+_REFINED = re.compile(r"^at2_refined(\d+)?(?:_(mask|remove))?$")
 
 
 def build_method(
@@ -38,6 +40,7 @@ def build_method(
     ablation of ``loo`` and ``contextcite`` when the name carries no ``_mask``/``_remove`` suffix."""
     from at2_lens import AT2Attribution
     from at2_lens.ablation import check_mode
+    from at2_lens.at2.refined import AT2Refined
     from at2_lens.baselines import (
         AverageAttention,
         ContextCite,
@@ -52,6 +55,11 @@ def build_method(
     if key == "at2":
         at2 = AT2Attribution.for_model(model, estimator)
         return ("at2_uniform" if at2.uses_uniform_weights else "at2"), at2
+    if m := _REFINED.match(key):
+        n, m_mode = int(m.group(1) or 8), m.group(2) or mode
+        return _label(f"at2_refined{n}", m_mode), AT2Refined(
+            model, estimator, n, mode=m_mode, batch_size=batch_size, seed=seed
+        )
     if key == "avg_attention":
         return key, AverageAttention(model)
     if key == "last_layer_attention":
