@@ -59,19 +59,31 @@ def save_partial(out: str | Path, df: pd.DataFrame, settings: dict[str, Any], **
     atomic_write_text(meta_path(out), json.dumps({"settings": settings, **extra}, indent=1))
 
 
-def replace_method_rows(done: pd.DataFrame, task: int, new: pd.DataFrame, methods: Iterable[str]) -> pd.DataFrame:
+def replace_method_rows(
+    done: pd.DataFrame, task: int, new: pd.DataFrame, methods: Iterable[str], order: Iterable[str] = ()
+) -> pd.DataFrame:
     """``done`` with task ``task``'s rows of ``methods`` replaced by ``new``'s, each method's block where the old one
-    was, so tables that list methods in order of first appearance keep their order."""
-    names = set(methods)
-    pieces: list[pd.DataFrame] = []
+    was, so tables that list methods in order of first appearance keep their order. A method the task has no rows of
+    yet (one a re-scoring adds) is inserted after the block of the method before it in ``order`` (the run's method
+    order); without ``order`` that is an error."""
+    names = list(dict.fromkeys(methods))
+    order = list(order)
+    pieces: list[tuple[str | None, pd.DataFrame]] = []
     placed: set[str] = set()
     for (t, method), block in done.groupby(["task", "method"], sort=False):
         if t == task and method in names:
-            pieces.append(new[new["method"] == method])
+            pieces.append((method, new[new["method"] == method]))
             placed.add(method)
         else:
-            pieces.append(block)
-    missing = names - placed
-    if missing:
-        raise SystemExit(f"--rescore: task {task} has no rows of {sorted(missing)} to replace")
-    return pd.concat(pieces, ignore_index=True)
+            pieces.append((method if t == task else None, block))
+    for method in [m for m in names if m not in placed]:
+        if method not in order:
+            raise SystemExit(f"--rescore: task {task} has no rows of {method!r} to replace")
+        before = [m for m in order[: order.index(method)] if any(p == m for p, _ in pieces)]
+        if before:
+            at = max(i for i, (p, _) in enumerate(pieces) if p == before[-1]) + 1
+        else:
+            task_blocks = [i for i, (p, _) in enumerate(pieces) if p is not None]
+            at = task_blocks[0] if task_blocks else len(pieces)
+        pieces.insert(at, (method, new[new["method"] == method]))
+    return pd.concat([block for _, block in pieces], ignore_index=True)

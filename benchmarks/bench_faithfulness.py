@@ -25,8 +25,9 @@ AT2 (method ``at2``) uses --estimator, else the estimator shipped for the model 
 start, labelled ``at2_uniform`` (exactly average attention), never as AT2. Costs are printed as passes and as wall
 time divided by one forward pass over the same tokens measured in the same run, not as absolute seconds.
 The settings recorded with a results file include the sha256 of the AT2 estimator's weights, so rows of two
-estimators are never mixed; ``--rescore at2`` recomputes only AT2's rows of every finished task (the ground truth,
-the reference scores and the other methods' rows are the same for the same seed), resumably.
+estimators are never mixed; ``--rescore at2,at2_refined8`` recomputes only those methods' rows of every finished task
+(the ground truth, the reference scores and the other methods' rows are the same for the same seed), resumably; a
+re-scoring may add a method to a results file (its rows go after the method before it in the run's order).
 One torch thread by default (--threads), which made timings stable on a shared CPU.
 """
 
@@ -58,19 +59,20 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad_
 SMALL = {
     "limit": 3, "n_eval_masks": 16, "ks": (1, 3), "max_new_tokens": 12, "n_permutations": 8,
     "adversarial": {"steps": 6, "layers": [-1]},
-    "methods": ["at2", "avg_attention", "last_layer_attention", "loo", "contextcite32", "gradxinput"],
+    "methods": ["at2", "at2_refined8", "avg_attention", "last_layer_attention", "loo", "contextcite32", "gradxinput"],
     "metrics": ["lds", "topk_drop", "kendall_loo", "kendall_gradxinput", "attention_checks"],
 }
 FULL = {
     "limit": None, "n_eval_masks": 32, "ks": (1, 3, 5), "max_new_tokens": 32, "n_permutations": 32,
     "adversarial": {"steps": 30, "layers": None},
-    "methods": ["at2", "avg_attention", "last_layer_attention", "loo", "loo_remove", "contextcite32",
+    "methods": ["at2", "at2_refined8", "avg_attention", "last_layer_attention", "loo", "loo_remove", "contextcite32",
                 "contextcite256", "gradxinput", "ig20"],
     "metrics": ["all"],
 }
 MULTIDOC = {
     **FULL,
-    "methods": ["at2", "avg_attention", "last_layer_attention", "loo", "loo_remove", "contextcite32", "gradxinput"],
+    "methods": ["at2", "at2_refined8", "avg_attention", "last_layer_attention", "loo", "loo_remove", "contextcite32",
+                "gradxinput"],
     "metrics": ["lds", "topk_drop", "kendall_loo", "kendall_gradxinput"],
 }
 
@@ -162,11 +164,23 @@ def main() -> None:
     unknown = [m for m in rescore if m not in methods]
     if unknown:  # e.g. 'at2' on a model without an estimator, which is labelled 'at2_uniform'
         raise SystemExit(f"--rescore: {unknown} are not among this run's methods {list(methods)}")
-    # what re-scoring AT2 may change; any other setting must be the file's own
-    may_differ = ("estimator", "estimator_sha256") if "at2" in rescore else ()
+    # what re-scoring may change (AT2's estimator; the method list, by the re-scored methods it adds); any other
+    # setting must be the file's own
+    uses_estimator = [m for m in methods if m == "at2" or m.startswith("at2_refined")]
+    if any(m in rescore for m in uses_estimator) and not set(uses_estimator) <= set(rescore):
+        raise SystemExit(f"--rescore: {uses_estimator} all use the AT2 estimator; re-score them together")
+    may_differ = ("estimator", "estimator_sha256") if any(m in rescore for m in uses_estimator) else ()
+    may_differ = (*may_differ, "methods") if rescore else may_differ
 
     def read_partial(path: str | None) -> tuple[pd.DataFrame, dict]:
         df, meta = load_partial(path, settings, may_differ=may_differ, rescoring=bool(rescore))
+        if rescore and meta:
+            old = list(meta.get("settings", {}).get("methods", []))
+            stray = [m for m in old if m not in methods]
+            added = [m for m in methods if m not in old]
+            if stray or not set(added) <= set(rescore):
+                raise SystemExit(f"--rescore: {path} was run with methods {old}; a re-scoring may only add methods "
+                                 f"it re-scores (adding {added}, dropping {stray})")
         if df is None:
             return pd.DataFrame(columns=["task"]), meta
         return df.assign(k=df["k"].astype("Int64")), meta
@@ -197,7 +211,7 @@ def main() -> None:
 
     if rescore:
         done = _rescore(done, meta, {name: methods[name] for name in rescore}, metrics, evaluate_task, settings,
-                        gt_passes, args.out)
+                        gt_passes, args.out, order=list(methods))
         finished = set(range(len(tasks)))  # nothing new is evaluated in a re-scoring run
     for ti in range(len(tasks)):
         if args.table_only or ti in finished or ti not in selected:
@@ -232,7 +246,7 @@ def main() -> None:
 
 def _rescore(done: pd.DataFrame, meta: dict, chosen: dict, metrics: list[str],
              evaluate_task: Callable[[dict, int, list[str]], pd.DataFrame], settings: dict, gt_passes: int,
-             out: str) -> pd.DataFrame:
+             out: str, order: list[str]) -> pd.DataFrame:
     """Recompute the ``chosen`` methods' rows for every finished task of ``done``, saving ``out`` after each task; a
     killed run resumes from the ``rescore`` entry of the results' JSON."""
     rescore = list(chosen)
@@ -246,7 +260,7 @@ def _rescore(done: pd.DataFrame, meta: dict, chosen: dict, metrics: list[str],
         ti = left[0]
         part = evaluate_task(chosen, ti, per_method)
         part = part[part["method"].isin(rescore)]
-        done = replace_method_rows(done, ti, part.assign(k=part["k"].astype("Int64")), rescore)
+        done = replace_method_rows(done, ti, part.assign(k=part["k"].astype("Int64")), rescore, order)
         left = left[1:]
         extra = {"rescore": {"methods": rescore, "tasks_left": left}} if left else {}
         save_partial(out, done, settings, ground_truth_forward_passes=gt_passes, **extra)

@@ -187,6 +187,28 @@ def test_rescore_replaces_only_at2_rows_and_equals_a_fresh_run(tmp_path: Path) -
     assert "rescore" not in meta
 
 
+def test_rescore_can_add_a_method_and_then_equals_a_fresh_run(tmp_path: Path) -> None:
+    """``--rescore at2,at2_refined4`` on a file run without AT2Refined adds its rows after AT2's; the file then
+    equals a run made with both from scratch. Re-scoring only AT2 while AT2Refined is in the run is refused (both
+    use the estimator), and so is a re-scoring that would add a method it does not compute."""
+    data = _squad_file(tmp_path, 2)
+    est = _tiny_estimator(tmp_path / "a.safetensors", 1.0)
+    old, fresh = tmp_path / "old.csv", tmp_path / "fresh.csv"
+    assert _run("--data", str(data), "--out", str(old), "--methods", "at2,avg_attention",
+                "--estimator", str(est)).returncode == 0
+    both = ["--methods", "at2,at2_refined4,avg_attention", "--estimator", str(est)]
+    assert _run("--data", str(data), "--out", str(fresh), *both).returncode == 0
+    half = _run("--data", str(data), "--out", str(old), *both, "--rescore", "at2")
+    assert half.returncode != 0 and "re-score them together" in half.stderr
+    sneaky = _run("--data", str(data), "--out", str(old), *both, "--rescore", "avg_attention")
+    assert sneaky.returncode != 0 and "may only add methods it re-scores" in sneaky.stderr
+    proc = _run("--data", str(data), "--out", str(old), *both, "--rescore", "at2,at2_refined4")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cols = ["method", "task", "metric", "k", "value", "n_sources", "forward_passes", "backward_passes"]
+    pd.testing.assert_frame_equal(pd.read_csv(old)[cols], pd.read_csv(fresh)[cols])
+    assert list(dict.fromkeys(pd.read_csv(old)["method"])) == ["at2", "at2_refined4", "avg_attention"]
+
+
 def test_unfinished_rescore_is_resumed_and_blocks_plain_runs(tmp_path: Path) -> None:
     data = _squad_file(tmp_path, 2)
     est = _tiny_estimator(tmp_path / "a.safetensors", 1.0)
