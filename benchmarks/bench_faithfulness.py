@@ -105,6 +105,7 @@ def main() -> None:
                     help="comma-separated methods of an existing --out file to recompute for every finished task, "
                          "keeping the other methods' rows (e.g. 'at2' after retraining its estimator); resumable")
     ap.add_argument("--table-only", action="store_true", help="print the table of an existing --out CSV and stop")
+    ap.add_argument("--device", default="cpu", help="where the model runs (e.g. cuda); default cpu")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: on a shared 2-core machine two threads spin-wait on each "
                          "other and a forward pass became ~15x slower and erratic; 0 = torch's own choice)")
@@ -142,7 +143,7 @@ def main() -> None:
     else:
         from at2_lens.models import load_model
 
-        model = load_model(args.model)
+        model = load_model(args.model, device=args.device)
     methods = build_methods(model, names, estimator=args.estimator, mode=args.mode, seed=args.seed)
     metrics = resolve_metrics(args.metrics.split(",") if args.metrics else cfg["metrics"])
     adversarial = dict(cfg["adversarial"])
