@@ -23,17 +23,14 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from at2_lens._typing import typechecked
+from at2_lens._validate import check_int
+from at2_lens.backends import Backend, hook_names
 from at2_lens.errors import InputError
 
 __all__ = ["ablate_heads_hooks", "heads_from_mask", "top_heads"]
 
 Head = tuple[int, int]
 HookFn = Callable[[Tensor, Any], Tensor]
-
-
-def z_hook_name(layer: int) -> str:
-    """``blocks.{layer}.attn.hook_z``."""
-    return f"blocks.{layer}.attn.hook_z"
 
 
 @typechecked
@@ -43,9 +40,7 @@ def top_heads(scores: Float[Tensor, "layer head"], k: int, *, largest: bool = Tr
     Ties are broken by ``(layer, head)`` order. ``scores`` is any ``[layer, head]`` tensor: AT2 head weights,
     AttAttr head importance, or your own.
     """
-    n = scores.numel()
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
-        raise InputError(f"k: expected an int in [1, {n}], got {k!r}")
+    k = check_int("k", k, minimum=1, maximum=scores.numel())
     if not torch.isfinite(scores).all():
         raise InputError("scores: contains NaN or inf")
     flat = scores.detach().float().reshape(-1).cpu()
@@ -87,8 +82,6 @@ def ablate_heads_hooks(
         if len(p) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in p):
             raise InputError(f"heads: expected (layer, head) pairs of non-negative ints, got {p!r}")
     if model is not None:
-        from at2_lens.backends import Backend
-
         cfg = getattr(model.model if isinstance(model, Backend) else model, "cfg", None)
         if cfg is None:
             raise InputError(f"model: expected a TransformerLens model with a cfg, got {type(model).__name__}")
@@ -98,7 +91,7 @@ def ablate_heads_hooks(
     by_layer: dict[int, list[int]] = {}
     for layer, head in pairs:
         by_layer.setdefault(layer, []).append(head)
-    return [(z_hook_name(layer), _zero_heads(sorted(set(hs)))) for layer, hs in sorted(by_layer.items())]
+    return [(hook_names.z(layer), _zero_heads(sorted(set(hs)))) for layer, hs in sorted(by_layer.items())]
 
 
 def _zero_heads(heads: list[int]) -> HookFn:

@@ -139,7 +139,8 @@ def cmd_heads(args: argparse.Namespace) -> int:
     import json
 
     from at2_lens._io import atomic_write_text
-    from at2_lens.attattr.heads import METHODS, compare_pruning, plot_pruning
+    from at2_lens.attattr.head_importance import IMPORTANCE_METHODS as METHODS
+    from at2_lens.attattr.head_importance import compare_pruning, plot_pruning
     from at2_lens.models.classifier import load_sst2
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -198,7 +199,7 @@ def _parse_roots(spec: str) -> int | list[int] | None:
 def cmd_tree(args: argparse.Namespace) -> int:
     """Attribute one sentence, build its attribution tree, draw it and print its edges."""
     from at2_lens.attattr.attribution import AttentionAttribution
-    from at2_lens.attattr.heads import classifier_output_func
+    from at2_lens.attattr.readouts import classifier_output_func
     from at2_lens.attattr.tree import attribution_tree, draw_attribution_tree, tree_edges
 
     if not args.text.strip():
