@@ -25,7 +25,7 @@ from at2_lens.attattr.head_importance import (
 )
 from at2_lens.backends import get_backend
 from at2_lens.errors import InputError
-from at2_lens.models.classifier import final_hidden_hook, mean_pool
+from at2_lens.models.pooling import mean_pool
 from tests.conftest import BACKENDS, SHARED_DATA, shared_data
 
 TEXTS = ["a good film", "bad", "the plot was dull and far too long", "fine acting , weak script", "great"]
@@ -53,7 +53,7 @@ class TinyClassifier:
         def capture(x: Tensor, hook: Any) -> None:
             seen["h"] = x
 
-        hooks = [*fwd_hooks, (final_hidden_hook(self.backend), capture)]
+        hooks = [*fwd_hooks, (self.backend.final_hidden_hook(), capture)]
         self.backend.run(tokens, fwd_hooks=hooks, attention_mask=attention_mask)
         pooled = mean_pool(seen["h"], attention_mask)
         return torch.softmax(pooled @ self.head.weight.T + self.head.bias, dim=-1)

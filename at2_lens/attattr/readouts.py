@@ -17,7 +17,7 @@ from torch import Tensor
 
 from at2_lens._validate import check_choice
 from at2_lens.errors import InputError
-from at2_lens.models.pooling import POOLING_MODES, pool
+from at2_lens.models.pooling import POOLING_MODES, Pooling, pool
 
 if TYPE_CHECKING:
     from at2_lens.backends import Backend
@@ -77,7 +77,9 @@ class PooledOutput:
             ``"last"`` (last real token); see ``at2_lens.models.pooling``.
     """
 
-    def __init__(self, head: Callable[[Tensor], Tensor], hook_name: str = FINAL_HIDDEN, pooling: str = "mean") -> None:
+    def __init__(
+        self, head: Callable[[Tensor], Tensor], hook_name: str = FINAL_HIDDEN, pooling: Pooling = "mean"
+    ) -> None:
         check_choice("pooling", pooling, POOLING_MODES)
         if not callable(head):
             raise InputError(f"head: expected a callable, got {type(head).__name__}")
@@ -108,7 +110,8 @@ def classifier_output_func(classifier: Any) -> OutputFunc:
         return func  # type: ignore[no-any-return]
     head = getattr(classifier, "head", None)
     if head is not None and hasattr(head, "weight") and hasattr(head, "bias"):
-        return PooledOutput(LinearSoftmaxHead(head.weight, head.bias), pooling=str(getattr(head, "pooling", "mean")))
+        pooling = str(getattr(head, "pooling", "mean"))
+        return PooledOutput(LinearSoftmaxHead(head.weight, head.bias), pooling=pooling)  # type: ignore[arg-type]
     raise InputError(
         "classifier: AttAttr needs F inside the attributed pass; pass output_func=..., or give the classifier an "
         "'output_func' attribute or a linear 'head' (weight, bias, pooling) on the final hidden state"

@@ -187,11 +187,16 @@ def write_head(path: str | os.PathLike[str], head: ClassifierHead) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ final hidden
-def final_hidden_hook(backend: Backend) -> str:
-    """The hook holding an encoder's final hidden state (``BertModel.last_hidden_state``); refuses decoders."""
+def encoder_hidden_hook(backend: Backend) -> str:
+    """The hook holding an encoder's final hidden state (``BertModel.last_hidden_state``, found by
+    ``Backend.final_hidden_hook``); refuses decoders."""
     if backend.is_causal:
         raise InputError(f"{backend.describe()} is a decoder; the sentiment classifier needs a BERT encoder")
     return backend.final_hidden_hook()
+
+
+final_hidden_hook = encoder_hidden_hook
+"""The former name of ``encoder_hidden_hook`` (``scripts/train_minilm_sst2.py`` still imports it)."""
 
 
 class _StopForward(Exception):
@@ -208,7 +213,7 @@ def final_hidden(
 
     The capture hook is added after ``fwd_hooks``, so an edit another hook makes at the same hook point is seen.
     """
-    hook_name = final_hidden_hook(backend)
+    hook_name = encoder_hidden_hook(backend)
     tokens = backend.check_tokens(tokens, attention_mask)
     captured: dict[str, Tensor] = {}
 
@@ -279,7 +284,7 @@ class SentimentClassifier:
         self.model = model
         self.backend: Backend = get_backend(model)
         self.head = head
-        self.hidden_hook = final_hidden_hook(self.backend)
+        self.hidden_hook = encoder_hidden_hook(self.backend)
         self._check_fits(head)
         device = self.backend.device
         self._weight = head.weight.to(device)
@@ -454,6 +459,7 @@ __all__ = [
     "classifier_backend",
     "default_data_dir",
     "embed_texts",
+    "encoder_hidden_hook",
     "final_hidden",
     "final_hidden_hook",
     "load_minilm_sst2",

@@ -6,6 +6,8 @@ all-MiniLM-L6-v2) and by AttAttr's ``PooledOutput`` read-out (which also offers 
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -15,7 +17,8 @@ from at2_lens._validate import check_choice
 POOLINGS: tuple[str, ...] = ("mean", "mean_l2")
 """What a classifier head may use. ``mean``: mean of the final hidden states over real tokens; ``mean_l2``: the
 same, L2-normalised."""
-POOLING_MODES: tuple[str, ...] = (*POOLINGS, "cls", "last")
+Pooling = Literal["mean", "mean_l2", "cls", "last"]
+POOLING_MODES: tuple[Pooling, ...] = ("mean", "mean_l2", "cls", "last")
 """Every pooling ``pool`` knows: ``POOLINGS``, ``cls`` (position 0) and ``last`` (each row's last real token)."""
 
 
@@ -53,4 +56,4 @@ def pool(
     return pooled
 
 
-__all__ = ["POOLINGS", "POOLING_MODES", "last_real_positions", "mean_pool", "pool"]
+__all__ = ["POOLINGS", "POOLING_MODES", "Pooling", "last_real_positions", "mean_pool", "pool"]
