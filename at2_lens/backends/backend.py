@@ -222,7 +222,11 @@ class Backend:
         """Validate a list of layer indices (None means all) and return it sorted."""
         if layers is None:
             return list(range(self.n_layers))
-        out = [check_int(name, layer, minimum=0, maximum=self.n_layers - 1) for layer in layers]
+        out = []
+        for layer in layers:
+            if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+                raise InputError(f"{name}: expected layer indices in [0, {self.n_layers}), got {layer!r}")
+            out.append(layer)
         if not out:
             raise InputError(f"{name}: expected at least one layer index")
         return sorted(set(out))
