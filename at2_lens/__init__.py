@@ -22,6 +22,7 @@ _EXPORTS: dict[str, str] = {
     "LinearEstimator": "at2_lens.at2.estimator",
     "SourceAttribution": "at2_lens.results",
     "AttentionAttribution": "at2_lens.attattr",
+    "SelfAttentionAttribution": "at2_lens.attattr",
     "PooledOutput": "at2_lens.attattr",
     "evaluate": "at2_lens.evaluation.runner",
     "CaptumLM": "at2_lens.interop",
@@ -39,6 +40,7 @@ __all__ = [
     "ContextTask",
     "LinearEstimator",
     "PooledOutput",
+    "SelfAttentionAttribution",
     "SourceAttribution",
     "TargetSpan",
     "__version__",
@@ -65,9 +67,9 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from at2_lens.at2.attribution import AT2Attribution
     from at2_lens.at2.estimator import LinearEstimator
-    from at2_lens.at2.refined import AT2Refined
     from at2_lens.at2.pretrained import load_estimator
-    from at2_lens.attattr import AttentionAttribution, PooledOutput
+    from at2_lens.at2.refined import AT2Refined
+    from at2_lens.attattr import AttentionAttribution, PooledOutput, SelfAttentionAttribution
     from at2_lens.backends import Backend, get_backend
     from at2_lens.evaluation.runner import evaluate
     from at2_lens.head_ablation import ablate_heads_hooks, top_heads

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from at2_lens._typing import typechecked
 from at2_lens._validate import check_int
+from at2_lens.backends import Backend, hook_names
 from at2_lens.errors import InputError
 from at2_lens.ranking import top_k
 
@@ -33,11 +34,6 @@ Head = tuple[int, int]
 HookFn = Callable[[Tensor, Any], Tensor]
 
 
-def z_hook_name(layer: int) -> str:
-    """``blocks.{layer}.attn.hook_z``."""
-    return f"blocks.{layer}.attn.hook_z"
-
-
 @typechecked
 def top_heads(scores: Float[Tensor, "layer head"], k: int, *, largest: bool = True) -> list[Head]:
     """The ``k`` heads with the largest (``largest=False``: smallest) scores, as ``(layer, head)``, best first.
@@ -45,7 +41,7 @@ def top_heads(scores: Float[Tensor, "layer head"], k: int, *, largest: bool = Tr
     Ties are broken by ``(layer, head)`` order. ``scores`` is any ``[layer, head]`` tensor: AT2 head weights,
     AttAttr head importance, or your own.
     """
-    check_int("k", k, maximum=scores.numel())
+    k = check_int("k", k, minimum=1, maximum=scores.numel())
     if not torch.isfinite(scores).all():
         raise InputError("scores: contains NaN or inf")
     n_heads = scores.shape[1]
@@ -85,8 +81,6 @@ def ablate_heads_hooks(
         if len(p) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in p):
             raise InputError(f"heads: expected (layer, head) pairs of non-negative ints, got {p!r}")
     if model is not None:
-        from at2_lens.backends import Backend
-
         cfg = getattr(model.model if isinstance(model, Backend) else model, "cfg", None)
         if cfg is None:
             raise InputError(f"model: expected a TransformerLens model with a cfg, got {type(model).__name__}")
@@ -96,7 +90,7 @@ def ablate_heads_hooks(
     by_layer: dict[int, list[int]] = {}
     for layer, head in pairs:
         by_layer.setdefault(layer, []).append(head)
-    return [(z_hook_name(layer), _zero_heads(sorted(set(hs)))) for layer, hs in sorted(by_layer.items())]
+    return [(hook_names.z(layer), _zero_heads(sorted(set(hs)))) for layer, hs in sorted(by_layer.items())]
 
 
 def _zero_heads(heads: list[int]) -> HookFn:

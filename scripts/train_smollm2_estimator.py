@@ -8,7 +8,8 @@ default SHIPPED_TASKS, the store's whole v3 task list; 0 = every example), holds
 trains with non-negative head weights (the model card's ceiling study: signed weights, other feature families and a
 small MLP scorer did worse on validation tasks), calibrates the scores on the training part (a scale fitted by least
 squares, so that a score is the predicted fall in the target's logit-probability when the source is removed; no
-offset, which lowered validation LDS) and records the settings, LDS and calibration in the file. ``--learning-curve`` writes nothing: it trains
+offset, which lowered validation LDS) and records the settings, LDS and calibration in the file.
+``--learning-curve`` writes nothing: it trains
 on random subsets (3 seeded draws per size, sizes halving from the whole training split) with the same settings and
 prints the mean LDS on the same held-out examples, to show how much more data would help.
 """

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from at2_lens.attattr import AttAttrResult, AttentionAttribution
-from at2_lens.attattr.heads import classifier_output_func
+from at2_lens.attattr.readouts import classifier_output_func
 from at2_lens.attattr.tree import attribution_tree, draw_attribution_tree, layer_scores, tree_edges
 from at2_lens.errors import InputError
 from tests.conftest import BACKENDS
-from tests.test_heads import TinyClassifier
+from tests.test_head_importance import TinyClassifier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -177,3 +177,92 @@ def test_smollm2_generation_continues_paris_correctly(smollm2: object) -> None:
     got = b.generate_greedy(prompt, max_new_tokens=8)
     assert torch.equal(got, _uncached_greedy(b, prompt, 8))
     assert b.tokenizer.decode(got).startswith(" Paris.")
+
+
+# ----------------------------------------------------------------------------------- one subclass per model class
+def test_one_backend_subclass_per_model_class(tiny_llama_models: dict, tiny_bert_models: dict) -> None:
+    from at2_lens.backends import BridgeBackend, HookedEncoderBackend, HookedTransformerBackend, backend_class
+
+    want = {
+        ("llama", "hooked"): HookedTransformerBackend,
+        ("llama", "bridge"): BridgeBackend,
+        ("bert", "hooked"): HookedEncoderBackend,
+        ("bert", "bridge"): BridgeBackend,
+    }
+    for arch, models in (("llama", tiny_llama_models), ("bert", tiny_bert_models)):
+        for name, model in models.items():
+            cls = want[(arch, name)]
+            assert backend_class(model) is cls
+            assert type(Backend(model)) is cls and type(get_backend(model)) is cls
+            assert isinstance(Backend(model), Backend)
+            assert model_kind(model) == cls.kind
+
+
+def test_final_hidden_hook_per_model_class(tiny_llama_models: dict, tiny_bert_models: dict) -> None:
+    """Decoders: the final LayerNorm's output; encoders: the last block's output (post-LayerNorm in BERT)."""
+    for model in tiny_llama_models.values():
+        assert get_backend(model).final_hidden_hook() == "ln_final.hook_normalized"
+    for name, model in tiny_bert_models.items():
+        b = get_backend(model)
+        suffix = "hook_normalized_resid_post" if name == "hooked" else "hook_resid_post"
+        assert b.final_hidden_hook() == f"blocks.{b.n_layers - 1}.{suffix}"
+        assert b.has_hook(b.final_hidden_hook())
+
+
+def test_hook_names_are_transformer_lens_names() -> None:
+    from at2_lens.backends import hook_names
+
+    assert hook_names.pattern(3) == "blocks.3.attn.hook_pattern"
+    assert [f(1) for f in (hook_names.q, hook_names.k, hook_names.v, hook_names.z)] == [
+        "blocks.1.attn.hook_q", "blocks.1.attn.hook_k", "blocks.1.attn.hook_v", "blocks.1.attn.hook_z"
+    ]
+    assert hook_names.resid_pre(2) == "blocks.2.hook_resid_pre"
+    assert hook_names.resid_post(2) == "blocks.2.hook_resid_post"
+    assert hook_names.normalized_resid_post(5) == "blocks.5.hook_normalized_resid_post"
+    assert hook_names.final_normalized() == "ln_final.hook_normalized"
+    assert [hook_names.first_block(n, 6) for n in ("hook_embed", "blocks.4.attn.hook_z", "ln_final.hook_scale")] == [
+        -1, 4, 6
+    ]
+    assert Backend.z_hook(7) == hook_names.z(7)
+
+
+def _native_bridge() -> object:
+    import warnings
+
+    from at2_lens.backends import _tl
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _tl.bridge_class().boot_native(
+            {"n_layers": 2, "d_model": 32, "n_ctx": 64, "d_head": 8, "n_heads": 4, "d_vocab": 100,
+             "act_fn": "gelu", "d_mlp": 64}
+        )
+
+
+def test_backends_are_cached_without_touching_the_model() -> None:
+    """The cache lives beside the model (weakly keyed): nothing is set on the user's object, the model can be freed,
+    and what the probe measured outlives the backend object itself."""
+    import gc
+    import weakref
+
+    model = _native_bridge()
+    before = dict(vars(model))
+    b = get_backend(model)
+    probe = b.probe
+    assert vars(model).keys() == before.keys()
+    assert get_backend(model) is b and get_backend(model, "z") is not b
+    backend_ref = weakref.ref(b)
+    del b
+    gc.collect()
+    assert backend_ref() is None  # the cache does not keep backends alive...
+    again = get_backend(model)
+    calls: list[int] = []
+    handle = model.register_forward_pre_hook(lambda *a: calls.append(1))  # type: ignore[attr-defined]
+    try:
+        assert again.probe is probe and calls == []  # ...but keeps what was measured: no new probe
+    finally:
+        handle.remove()
+    model_ref = weakref.ref(model)
+    del model, again
+    gc.collect()
+    assert model_ref() is None  # nor the model

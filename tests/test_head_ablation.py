@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 
-from at2_lens.attattr.heads import head_mask_hooks
+from at2_lens.attattr.head_importance import head_mask_hooks
 from at2_lens.backends import get_backend
 from at2_lens.errors import InputError
 from at2_lens.head_ablation import ablate_heads_hooks, heads_from_mask, top_heads

@@ -15,7 +15,7 @@ from at2_lens.attattr.triggers import (
 )
 from at2_lens.errors import InputError
 from tests.conftest import BACKENDS, SHARED_DATA, shared_data
-from tests.test_heads import LABELS, TEXTS, TinyClassifier
+from tests.test_head_importance import LABELS, TEXTS, TinyClassifier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

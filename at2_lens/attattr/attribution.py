@@ -1,47 +1,77 @@
-"""``AttentionAttribution``: AttAttr, integrated gradients over attention patterns, as a Captum attribution class.
+"""``SelfAttentionAttribution`` (AttAttr): integrated gradients over attention patterns, as a Captum attribution class.
 
 Hao, Dong, Wei, Xu (AAAI 2021), "Self-Attention Attribution: Interpreting Information Interactions Inside
 Transformer". For one layer ``l`` at a time, ``Attr(A_l) = A_l ⊙ ∫₀¹ ∂F(α·A_l)/∂A_l dα``: the layer's post-softmax
 attention (all heads together) is replaced by ``α·A_l`` while every other layer runs as usual, and the gradients are
 integrated from the zero-attention baseline to the model's own attention by Captum's ``IntegratedGradients``.
+
+Laid out as Captum's ``attr/_core`` classes are: the public ``attribute`` checks and formats (``_check_call`` turns
+its arguments into a ``_Call``, refusing bad input before any forward pass; the result is shaped at the end), and
+private steps hold the algorithm (``_clean_pass``, ``_selector``, ``_integrate_layer``). The class subclasses
+Captum's ``Attribution``, as Captum's own ``LLMAttribution`` does, rather than ``GradientAttribution``: it returns
+an ``AttAttrResult`` (per-layer attributions, completeness deltas and baselines) rather than the
+``(attributions, delta)`` tuple ``GradientAttribution`` promises.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from captum.attr import GradientAttribution, IntegratedGradients
+from captum.attr import Attribution, IntegratedGradients
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from at2_lens.attattr._utils import (
+from at2_lens._validate import check_choice, check_int, check_optional_int
+from at2_lens.attattr.memory import chunk_rows, parse_memory_budget, step_bytes
+from at2_lens.attattr.readouts import ForwardOutput, OutputFunc, resolve_hook_names
+from at2_lens.attattr.result import AttAttrResult
+from at2_lens.attattr.targets import (
     IGNORE_INDEX,
-    AttAttrResult,
-    ForwardOutput,
-    OutputFunc,
+    OUTPUT_KINDS,
     OutputKind,
-    as_layer_list,
-    check_internal_batch_size,
-    check_method,
-    check_n_steps,
-    check_output,
-    format_additional_args,
-    hook_fires_from,
     labels_objective,
-    last_real_positions,
     normalise_target,
     output_index_from_target,
-    resolve_hook_names,
     row_labels_from_target,
     select_output,
 )
-from at2_lens.attattr.memory import chunk_rows, parse_memory_budget, step_bytes
-from at2_lens.backends import Backend, get_backend
+from at2_lens.backends import Backend, get_backend, hook_names
 from at2_lens.errors import InputError, NumericalError
 from at2_lens.interventions import FwdHook, replace_pattern
+from at2_lens.models.pooling import last_real_positions
+
+METHODS: tuple[str, ...] = ("gausslegendre", "riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid")
+"""Captum's integral approximations."""
+
+
+# ------------------------------------------------------------------------------------------------ argument checks
+def check_n_steps(n_steps: object, method: str) -> int:
+    """Integration points: Captum's Riemann rules need at least two, Gauss-Legendre one."""
+    try:
+        return check_int("n_steps", n_steps, minimum=1 if method == "gausslegendre" else 2)
+    except InputError as err:
+        raise InputError(f"{err} (method={method!r})") from None
+
+
+def as_layer_list(layers: int | Sequence[int] | None) -> Sequence[int] | None:
+    """Accept a single layer index as well as a sequence (``Backend.check_layers`` validates the values)."""
+    if layers is None or isinstance(layers, Sequence):
+        return layers
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        return [layers]
+    if isinstance(layers, Tensor) and layers.dim() <= 1 and not layers.is_floating_point():
+        return [int(x) for x in layers.reshape(-1)]
+    raise InputError(f"layers: expected None, a layer index or a sequence of layer indices, got {layers!r}")
+
+
+def format_additional_args(args: object) -> tuple[Any, ...]:
+    """Captum's convention: None → (), a tuple stays, anything else becomes a 1-tuple."""
+    if args is None:
+        return ()
+    return args if isinstance(args, tuple) else (args,)
 
 
 def _check_not_ragged(inputs: object) -> None:
@@ -56,7 +86,39 @@ def _check_not_ragged(inputs: object) -> None:
         )
 
 
-class AttentionAttribution(GradientAttribution):
+@dataclass(frozen=True)
+class _Call:
+    """One ``attribute`` call, checked: everything the algorithm needs that is known before a forward pass."""
+
+    tokens: Tensor  # [batch, pos] on the model's device
+    mask: Tensor | None  # [batch, pos] 0/1 on the device, or None
+    inputs_1d: bool
+    target: Tensor | None  # normalised
+    extra: tuple[Any, ...]  # additional_forward_args
+    layers: list[int]
+    n_steps: int
+    method: str
+    labels: Tensor | None  # [batch, pos] labels, where they are known before the unmodified pass
+    rows: Tensor | None  # the logits rows F reads (decoder targets without output_func), else None
+    rows_only: bool  # whether only those rows are computed (may still be revoked by the unmodified pass)
+    start: dict[int, bool]  # per layer: whether its forwards start at that block
+    chunks: dict[int, int | None]  # per layer: Captum's internal_batch_size
+    return_convergence_delta: bool
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def n_pos(self) -> int:
+        return int(self.tokens.shape[1])
+
+    @property
+    def start_layers(self) -> list[int]:
+        return [layer for layer in self.layers if self.start[layer]]
+
+
+class SelfAttentionAttribution(Attribution):
     r"""Self-attention attribution (AttAttr): integrated gradients of F with respect to each layer's attention.
 
     Hao, Dong, Wei, Xu (2021), "Self-Attention Attribution: Interpreting Information Interactions Inside
@@ -66,7 +128,7 @@ class AttentionAttribution(GradientAttribution):
     ``A_l ⊙ ∫₀¹ ∂F(α·A_l)/∂A_l dα``, computed by Captum's ``IntegratedGradients`` on a function of the pattern
     that injects it at ``blocks.{l}.attn.hook_pattern`` (or through ``hook_z`` where the model drops pattern
     edits; ``Backend`` decides). Baseline: zero attention at layer ``l`` only. By completeness, the attributions
-    of a layer sum to ``F(A) − F(A_l = 0)``.
+    of a layer sum to ``F(A) − F(A_l = 0)``. ``AttentionAttribution`` is the same class under its former name.
 
     What F is:
 
@@ -77,7 +139,7 @@ class AttentionAttribution(GradientAttribution):
       holding the logits and the activations of ``output_hooks`` (default ``output_func.hook_names``), gradients
       attached. It returns ``[batch]`` (F itself) or ``[batch, n]`` (``target`` picks a column, default the
       predicted one). E.g. a sentiment classifier on the mean-pooled final hidden state of MiniLM:
-      ``AttentionAttribution(model, PooledOutput(classifier))``.
+      ``SelfAttentionAttribution(model, PooledOutput(classifier))``.
 
     Args:
         forward_func: a TransformerLens ``HookedTransformer``/``HookedEncoder`` (TL 3.9), a ``TransformerBridge``,
@@ -86,11 +148,12 @@ class AttentionAttribution(GradientAttribution):
         output_hooks: hook names (or ``"final_hidden"``) whose activations ``output_func`` reads.
         output: ``"log_prob"`` (default) or ``"prob"``; only used without ``output_func``.
         shortcuts: skip work that cannot change F (default True; False runs the full model every time, for
-            checking). (1) On a ``HookedTransformer``, each forward starts at layer ``l`` from the cached
-            ``blocks.{l}.hook_resid_pre``: the layers below do not depend on ``A_l``. (2) Without
-            ``output_func`` on a decoder, only the logits rows F reads are unembedded (``HookedTransformer``:
-            its ``unembed`` on those rows; bridges whose Hugging Face model takes ``logits_to_keep``). Both are
-            checked against the full computation at run time and give the same numbers up to float rounding.
+            checking). (1) Where the model class allows it (``HookedTransformer``), each forward starts at layer
+            ``l`` from the cached ``blocks.{l}.hook_resid_pre``: the layers below do not depend on ``A_l``.
+            (2) Without ``output_func`` on a decoder, only the logits rows F reads are computed
+            (``HookedTransformer``: its ``unembed`` on those rows; bridges whose Hugging Face model takes
+            ``logits_to_keep``). Both are checked against the full computation at run time and give the same
+            numbers up to float rounding.
     """
 
     def __init__(
@@ -114,9 +177,8 @@ class AttentionAttribution(GradientAttribution):
             output_hooks = (output_hooks,)
         self.output_func = output_func
         self.output_hooks: dict[str, str] = resolve_hook_names(backend, output_hooks)
-        self.output: OutputKind = check_output(output)
+        self.output: OutputKind = check_choice("output", output, OUTPUT_KINDS)
         self.shortcuts = bool(shortcuts)
-        self._keep_ok: bool | None = None  # whether the bridge's logits_to_keep was checked to work
 
     # ------------------------------------------------------------------------------------------- captum contract
     def has_convergence_delta(self) -> bool:
@@ -126,26 +188,21 @@ class AttentionAttribution(GradientAttribution):
     def multiplies_by_inputs(self) -> bool:
         return True
 
-    def compute_convergence_delta(self, *args: Any, **kwargs: Any) -> Tensor:  # type: ignore[override]
+    def compute_convergence_delta(self, *args: Any, **kwargs: Any) -> Tensor:
         """Not available separately: F is defined per layer; use ``attribute(..., return_convergence_delta=True)``."""
         raise NotImplementedError(
-            "AttentionAttribution: use attribute(..., return_convergence_delta=True); the delta is per layer"
+            "SelfAttentionAttribution: use attribute(..., return_convergence_delta=True); the delta is per layer"
         )
 
     @property
     def starts_at_layer(self) -> bool:
         """Whether forwards start at the attributed layer (skipping the layers below) on this model."""
-        cfg = self.backend.model.cfg
-        return (
-            self.shortcuts
-            and self.backend.kind == "hooked_transformer"
-            and getattr(cfg, "positional_embedding_type", "") != "shortformer"
-        )
+        return self.shortcuts and self.backend.can_start_at_layer
 
     @property
     def unembeds_read_rows_only(self) -> bool:
         """Whether only the logits rows F reads are computed (decoder targets without ``output_func``)."""
-        return self._rows_mode() is not None
+        return self._rows_route() is not None
 
     # ---------------------------------------------------------------------------------------------------- public
     def attribute(  # type: ignore[override]
@@ -201,10 +258,57 @@ class AttentionAttribution(GradientAttribution):
             an ``AttAttrResult``: ``.attributions`` ``[layer, head, query, key]`` for one example (``[batch, layer,
             head, query, key]`` for several), ``.by_hook_name()``, ``.head_importance()``, ``.convergence_delta``.
         """
+        call = self._check_call(
+            inputs, target, additional_forward_args, layers=layers, n_steps=n_steps, method=method,
+            internal_batch_size=internal_batch_size, memory_budget=memory_budget, attention_mask=attention_mask,
+            return_convergence_delta=return_convergence_delta,
+        )
+        attributions, f_full, delta, base = self._attribute(call)
+        single = call.n_rows == 1
+        return AttAttrResult(
+            attributions=attributions[0] if single else attributions,
+            layers=tuple(call.layers),
+            output=f_full[0] if single else f_full,
+            convergence_delta=delta[0] if (single and delta is not None) else delta,
+            baseline_output=base[0] if (single and base is not None) else base,
+            attention_mask=call.mask,
+            method=call.method,
+            n_steps=call.n_steps,
+        )
+
+    def internal_batch_size_for(
+        self, n_pos: int, memory_budget: int | str, *, n_steps: int = 20, n_rows: int = 1, layer: int = 0
+    ) -> int | None:
+        """The ``internal_batch_size`` that ``attribute(..., memory_budget=...)`` picks for ``layer`` (None: all
+        steps in one chunk), assuming the full logits are computed. InputError if one step does not fit."""
+        budget = parse_memory_budget(memory_budget)
+        n_pos = check_int("n_pos", n_pos)
+        n_rows = check_int("n_rows", n_rows)
+        layer = self.backend.check_layers([layer])[0]
+        n_steps = check_n_steps(n_steps, "gausslegendre")
+        return self._chunk_rows(budget, n_rows, n_pos, n_steps, layer, self.starts_at_layer and layer > 0, n_pos)
+
+    # ------------------------------------------------------------------------------------------- checking a call
+    def _check_call(
+        self,
+        inputs: Any,
+        target: Any,
+        additional_forward_args: Any,
+        *,
+        layers: int | Sequence[int] | None,
+        n_steps: int,
+        method: str,
+        internal_batch_size: int | None,
+        memory_budget: int | str | None,
+        attention_mask: Any,
+        return_convergence_delta: bool,
+    ) -> _Call:
+        """Every argument of ``attribute`` checked and formatted; everything checkable without a forward pass fails
+        here (a too-small memory budget included)."""
         backend = self.backend
-        method = check_method(method)
+        method = check_choice("method", method, METHODS)
         n_steps = check_n_steps(n_steps, method)
-        internal_batch_size = check_internal_batch_size(internal_batch_size)
+        internal_batch_size = check_optional_int("internal_batch_size", internal_batch_size)
         if memory_budget is not None and internal_batch_size is not None:
             raise InputError("memory_budget: give either memory_budget or internal_batch_size, not both")
         budget = parse_memory_budget(memory_budget) if memory_budget is not None else None
@@ -220,7 +324,6 @@ class AttentionAttribution(GradientAttribution):
         extra = format_additional_args(additional_forward_args)
         causal = backend.is_causal
 
-        # Everything that can be checked without a forward pass is checked here.
         labels: Tensor | None = None
         if self.output_func is None and (tgt is not None or not causal):
             labels = row_labels_from_target(
@@ -236,118 +339,37 @@ class AttentionAttribution(GradientAttribution):
         start = {
             layer: self.starts_at_layer
             and layer > 0
-            and all(hook_fires_from(name, backend.n_layers) >= layer for name in self.output_hooks.values())
+            and all(hook_names.first_block(name, backend.n_layers) >= layer for name in self.output_hooks.values())
             for layer in layer_list
         }
-        start_layers = [lyr for lyr in layer_list if start[lyr]]
         rows = self._read_rows(labels, mask, n_rows, n_pos) if self.output_func is None and causal else None
-        mode = self._rows_mode() if rows is not None else None
-        chunks = {layer: internal_batch_size for layer in layer_list}
-        if budget is not None:  # checked here, before the clean pass: a too-small budget fails before any work
-            logit_rows = len(rows) if (mode is not None and rows is not None) else n_pos
+        rows_only = rows is not None and self._rows_route() is not None
+        chunks: dict[int, int | None] = {layer: internal_batch_size for layer in layer_list}
+        if budget is not None:
+            logit_rows = len(rows) if (rows_only and rows is not None) else n_pos
             chunks = {layer: self._chunk_rows(budget, n_rows, n_pos, n_steps, layer, start[layer], logit_rows)
                       for layer in layer_list}
-        patterns, resids, clean_out, final = self._clean_pass(tokens, mask, layer_list, start_layers, mode == "hooked")
-        for layer, pattern in patterns.items():
-            if not bool(torch.isfinite(pattern).all()):
-                raise NumericalError(
-                    f"attention of layer {layer} holds NaN or inf (e.g. a row whose every key is masked); "
-                    "refusing to integrate gradients over it"
-                )
-
-        # Resolve F's selector now that the unmodified output is known.
-        if self.output_func is None:
-            if labels is None:
-                logits = clean_out.logits
-                last = last_real_positions(n_rows, n_pos, mask)
-                predicted = logits[torch.arange(n_rows), last.to(logits.device)].argmax(dim=-1)
-                labels = row_labels_from_target(
-                    None, n_rows=n_rows, n_pos=n_pos, inputs_1d=inputs_1d, causal=causal,
-                    d_vocab=backend.d_vocab, attention_mask=mask, predicted=lambda: predicted,
-                )
-            selector: Tensor | None = labels.to(backend.device)
-        else:
-            with torch.no_grad():
-                raw = self.output_func(clean_out, tokens, *extra)
-            if not isinstance(raw, Tensor) or raw.shape[:1] != (n_rows,):
-                raise InputError(f"output_func: expected a tensor with one row per input ({n_rows}), got "
-                                 f"{tuple(raw.shape) if isinstance(raw, Tensor) else type(raw).__name__}")
-            index = output_index_from_target(tgt, raw)
-            selector = index.to(backend.device) if index is not None else None
-        with torch.no_grad():
-            f_full = self._objective(clean_out, tokens, selector, extra).detach()
-        if not bool(torch.isfinite(f_full).all()):
-            raise NumericalError(f"output: F of the unmodified model is not finite ({f_full.tolist()})")
-        if mode == "hooked" and rows is not None and final is not None:
-            # The rows-only unembedding must reproduce the model's own logits (catches soft caps and the like).
-            own = clean_out.logits[:, rows.to(clean_out.logits.device)]
-            with torch.no_grad():
-                mine = backend.model.unembed(final[:, rows.to(final.device)])
-            if mine.shape != own.shape or not torch.allclose(mine, own, rtol=1e-4, atol=1e-4 * float(own.abs().max())):
-                mode = None
-
-        tl_mask = self._start_mask(tokens, mask) if start_layers else None
-        attrs: list[Tensor] = []
-        deltas: list[Tensor] = []
-        baselines: list[Tensor] = []
-        for layer in layer_list:
-            forward = self._layer_forward(layer, mode, rows)
-            args = (tokens, mask, tl_mask, resids.get(layer), selector, *extra)
-            ig = IntegratedGradients(forward)
-            attr = ig.attribute(
-                patterns[layer], additional_forward_args=args, n_steps=n_steps, method=method,
-                internal_batch_size=chunks[layer],
-            )
-            if not bool(torch.isfinite(attr).all()):
-                raise NumericalError(f"attributions of layer {layer} hold NaN or inf; refusing to return them")
-            attrs.append(attr.detach())
-            if return_convergence_delta:
-                with torch.no_grad():
-                    f_zero = forward(torch.zeros_like(patterns[layer]), *args).detach()
-                baselines.append(f_zero)
-                deltas.append(attr.detach().sum(dim=(1, 2, 3)).to(f_full.dtype) - (f_full - f_zero))
-
-        attributions = torch.stack(attrs, dim=1)  # [batch, layer, head, q, k]
-        delta = torch.stack(deltas, dim=1) if deltas else None
-        base = torch.stack(baselines, dim=1) if baselines else None
-        single = n_rows == 1
-        return AttAttrResult(
-            attributions=attributions[0] if single else attributions,
-            layers=tuple(layer_list),
-            output=f_full[0] if single else f_full,
-            convergence_delta=delta[0] if (single and delta is not None) else delta,
-            baseline_output=base[0] if (single and base is not None) else base,
-            attention_mask=mask,
-            method=method,
-            n_steps=n_steps,
+        return _Call(
+            tokens=tokens, mask=mask, inputs_1d=inputs_1d, target=tgt, extra=extra, layers=layer_list,
+            n_steps=n_steps, method=method, labels=labels, rows=rows, rows_only=rows_only, start=start,
+            chunks=chunks, return_convergence_delta=bool(return_convergence_delta),
         )
 
-    def internal_batch_size_for(
-        self, n_pos: int, memory_budget: int | str, *, n_steps: int = 20, n_rows: int = 1, layer: int = 0
-    ) -> int | None:
-        """The ``internal_batch_size`` that ``attribute(..., memory_budget=...)`` picks for ``layer`` (None: all
-        steps in one chunk), assuming the full logits are computed. InputError if one step does not fit."""
-        budget = parse_memory_budget(memory_budget)
-        for name, value in (("n_pos", n_pos), ("n_rows", n_rows)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InputError(f"{name}: expected an integer >= 1, got {value!r}")
-        layer = self.backend.check_layers([layer])[0]
-        n_steps = check_n_steps(n_steps, "gausslegendre")
-        return self._chunk_rows(budget, n_rows, n_pos, n_steps, layer, self.starts_at_layer and layer > 0, n_pos)
-
-    # --------------------------------------------------------------------------------------------------- internals
-    def _chunk_rows(
-        self, budget: int, n_rows: int, n_pos: int, n_steps: int, layer: int, starts_here: bool, logit_rows: int
-    ) -> int | None:
-        """Rows per integration chunk of ``layer`` within ``budget`` bytes (see ``at2_lens.attattr.memory``)."""
-        b = self.backend
-        cfg = b.model.cfg
-        d_mlp = getattr(cfg, "d_mlp", None) or 4 * b.d_model
-        per_step = step_bytes(
-            n_pos=n_pos, n_layers=b.n_layers - layer if starts_here else b.n_layers, n_heads=b.n_heads,
-            d_model=b.d_model, d_mlp=int(d_mlp), d_vocab=b.d_vocab, logit_rows=logit_rows,
-        )
-        return chunk_rows(budget, per_step, n_rows, n_steps)
+    def _check_mask(self, attention_mask: object, shape: torch.Size) -> Tensor | None:
+        if attention_mask is None:
+            return None
+        if not isinstance(attention_mask, Tensor) or attention_mask.is_floating_point():
+            raise InputError("attention_mask: expected an integer or bool tensor of 0/1, shaped like the inputs")
+        if attention_mask.dim() == 1:
+            attention_mask = attention_mask[None]
+        if attention_mask.shape != shape:
+            raise InputError(f"attention_mask: expected shape {tuple(shape)} (like the inputs), "
+                             f"got {tuple(attention_mask.shape)}")
+        if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+            raise InputError("attention_mask: expected only 0 (padding) and 1 (real token)")
+        if not bool(attention_mask.bool().any(dim=1).all()):
+            raise InputError("attention_mask: every row needs at least one real token")
+        return attention_mask.long().to(self.backend.device)
 
     def _check_unmasked_padding(self, tokens: Tensor) -> None:
         """Refuse a padded batch given without ``attention_mask``: rows whose runs of pad tokens at the end (or the
@@ -369,21 +391,136 @@ class AttentionAttribution(GradientAttribution):
                     "token, 0 = padding); if those tokens are real, pass attention_mask=torch.ones_like(inputs)"
                 )
 
-    def _check_mask(self, attention_mask: object, shape: torch.Size) -> Tensor | None:
-        if attention_mask is None:
+    def _read_rows(self, labels: Tensor | None, mask: Tensor | None, n_rows: int, n_pos: int) -> Tensor:
+        """The logits rows (positions) F reads: each row's last real token, or the labelled rows."""
+        if labels is None:
+            return torch.unique(last_real_positions(n_rows, n_pos, mask))
+        return (labels != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
+
+    def _rows_route(self) -> str | None:
+        """How only some logits rows are computed on this model (see ``Backend.rows_route``), or None."""
+        if not self.shortcuts or self.output_func is not None or not self.backend.is_causal:
             return None
-        if not isinstance(attention_mask, Tensor) or attention_mask.is_floating_point():
-            raise InputError("attention_mask: expected an integer or bool tensor of 0/1, shaped like the inputs")
-        if attention_mask.dim() == 1:
-            attention_mask = attention_mask[None]
-        if attention_mask.shape != shape:
-            raise InputError(f"attention_mask: expected shape {tuple(shape)} (like the inputs), "
-                             f"got {tuple(attention_mask.shape)}")
-        if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
-            raise InputError("attention_mask: expected only 0 (padding) and 1 (real token)")
-        if not bool(attention_mask.bool().any(dim=1).all()):
-            raise InputError("attention_mask: every row needs at least one real token")
-        return attention_mask.long().to(self.backend.device)
+        return self.backend.rows_route
+
+    def _chunk_rows(
+        self, budget: int, n_rows: int, n_pos: int, n_steps: int, layer: int, starts_here: bool, logit_rows: int
+    ) -> int | None:
+        """Rows per integration chunk of ``layer`` within ``budget`` bytes (see ``at2_lens.attattr.memory``)."""
+        b = self.backend
+        per_step = step_bytes(
+            n_pos=n_pos, n_layers=b.n_layers - layer if starts_here else b.n_layers, n_heads=b.n_heads,
+            d_model=b.d_model, d_mlp=b.d_mlp, d_vocab=b.d_vocab, logit_rows=logit_rows,
+        )
+        return chunk_rows(budget, per_step, n_rows, n_steps)
+
+    # ------------------------------------------------------------------------------------------------ algorithm
+    def _attribute(self, call: _Call) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """Attributions ``[batch, layer, head, q, k]``, F ``[batch]`` and, if asked, the completeness deltas and
+        baselines ``[batch, layer]``."""
+        patterns, resids, clean_out, rows_ok = self._clean_pass(call)
+        selector = self._selector(call, clean_out)
+        with torch.no_grad():
+            f_full = self._objective(clean_out, call.tokens, selector, call.extra).detach()
+        if not bool(torch.isfinite(f_full).all()):
+            raise NumericalError(f"output: F of the unmodified model is not finite ({f_full.tolist()})")
+        rows = call.rows if (call.rows_only and rows_ok) else None
+        start_mask = self.backend.start_mask(call.tokens, call.mask) if call.start_layers else None
+        attrs: list[Tensor] = []
+        deltas: list[Tensor] = []
+        baselines: list[Tensor] = []
+        for layer in call.layers:
+            attr, f_zero = self._integrate_layer(call, layer, patterns[layer], resids.get(layer), start_mask,
+                                                 selector, rows)
+            attrs.append(attr)
+            if f_zero is not None:
+                baselines.append(f_zero)
+                deltas.append(attr.sum(dim=(1, 2, 3)).to(f_full.dtype) - (f_full - f_zero))
+        delta = torch.stack(deltas, dim=1) if deltas else None
+        base = torch.stack(baselines, dim=1) if baselines else None
+        return torch.stack(attrs, dim=1), f_full, delta, base
+
+    @torch.no_grad()
+    def _clean_pass(self, call: _Call) -> tuple[dict[int, Tensor], dict[int, Tensor], ForwardOutput, bool]:
+        """One unmodified forward: each layer's pattern, the residuals to start from, the output F reads, and
+        whether the rows-only route reproduces this pass's logits (where it is used)."""
+        backend = self.backend
+        patterns: dict[int, Tensor] = {}
+        resids: dict[int, Tensor] = {}
+        captured: dict[str, Tensor] = {}
+
+        def keep(store: dict[int, Tensor], layer: int) -> Any:
+            def hook(x: Tensor, hook: Any) -> None:
+                store[layer] = x.detach().clone()
+
+            return hook
+
+        hooks: list[FwdHook] = [(backend.pattern_hook(lyr), keep(patterns, lyr)) for lyr in call.layers]
+        hooks += [(backend.resid_pre_hook(lyr), keep(resids, lyr)) for lyr in call.start_layers]
+        hooks += self._capture_hooks(captured)
+        if call.rows_only and call.rows is not None:
+            logits, rows_ok = backend.run_checking_rows(call.tokens, call.rows, hooks, call.mask)
+        else:
+            logits, rows_ok = backend.run(call.tokens, hooks, call.mask), False
+        missing = [lyr for lyr in call.layers if lyr not in patterns]
+        if missing:
+            raise RuntimeError(f"{backend.describe()}: hook_pattern did not fire for layers {missing}")
+        for layer, pattern in patterns.items():
+            if not bool(torch.isfinite(pattern).all()):
+                raise NumericalError(
+                    f"attention of layer {layer} holds NaN or inf (e.g. a row whose every key is masked); "
+                    "refusing to integrate gradients over it"
+                )
+        return patterns, resids, ForwardOutput(logits, captured, call.mask), rows_ok
+
+    def _selector(self, call: _Call, clean_out: ForwardOutput) -> Tensor | None:
+        """What F reads, resolved now that the unmodified output is known: labels ``[batch, pos]`` (no
+        ``output_func``) or the ``output_func`` column per row (None for ``[batch]`` outputs)."""
+        backend = self.backend
+        if self.output_func is None:
+            labels = call.labels
+            if labels is None:
+                logits = clean_out.logits
+                last = last_real_positions(call.n_rows, call.n_pos, call.mask)
+                predicted = logits[torch.arange(call.n_rows), last.to(logits.device)].argmax(dim=-1)
+                labels = row_labels_from_target(
+                    None, n_rows=call.n_rows, n_pos=call.n_pos, inputs_1d=call.inputs_1d, causal=backend.is_causal,
+                    d_vocab=backend.d_vocab, attention_mask=call.mask, predicted=lambda: predicted,
+                )
+            return labels.to(backend.device)
+        with torch.no_grad():
+            raw = self.output_func(clean_out, call.tokens, *call.extra)
+        if not isinstance(raw, Tensor) or raw.shape[:1] != (call.n_rows,):
+            raise InputError(f"output_func: expected a tensor with one row per input ({call.n_rows}), got "
+                             f"{tuple(raw.shape) if isinstance(raw, Tensor) else type(raw).__name__}")
+        index = output_index_from_target(call.target, raw)
+        return index.to(backend.device) if index is not None else None
+
+    def _integrate_layer(
+        self,
+        call: _Call,
+        layer: int,
+        pattern: Tensor,
+        resid: Tensor | None,
+        start_mask: Tensor | None,
+        selector: Tensor | None,
+        rows: Tensor | None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Captum's ``IntegratedGradients`` over layer ``layer``'s pattern: the attributions ``[batch, head, q, k]``
+        and, with ``return_convergence_delta``, F with this layer's attention zeroed (``[batch]``)."""
+        forward = self._layer_forward(layer, rows)
+        args = (call.tokens, call.mask, start_mask, resid, selector, *call.extra)
+        attr = IntegratedGradients(forward).attribute(
+            pattern, additional_forward_args=args, n_steps=call.n_steps, method=call.method,
+            internal_batch_size=call.chunks[layer],
+        )
+        if not bool(torch.isfinite(attr).all()):
+            raise NumericalError(f"attributions of layer {layer} hold NaN or inf; refusing to return them")
+        f_zero = None
+        if call.return_convergence_delta:
+            with torch.no_grad():
+                f_zero = forward(torch.zeros_like(pattern), *args).detach()
+        return attr.detach(), f_zero
 
     def _capture_hooks(self, store: dict[str, Tensor]) -> list[FwdHook]:
         hooks: list[FwdHook] = []
@@ -394,139 +531,47 @@ class AttentionAttribution(GradientAttribution):
             hooks.append((name, hook))
         return hooks
 
-    # ------------------------------------------------------------------------------- rows-only unembedding
-    def _read_rows(self, labels: Tensor | None, mask: Tensor | None, n_rows: int, n_pos: int) -> Tensor:
-        """The logits rows (positions) F reads: each row's last real token, or the labelled rows."""
-        if labels is None:
-            return torch.unique(last_real_positions(n_rows, n_pos, mask))
-        return (labels != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
-
-    def _rows_mode(self) -> str | None:
-        """How only some logits rows can be computed on this model: ``"hooked"``, ``"keep"`` or None."""
-        backend = self.backend
-        if not self.shortcuts or self.output_func is not None or not backend.is_causal:
-            return None
-        # Both routes below call the model directly; that is safe only where interventions need no padding mask.
-        if backend.attention_access != "pattern" and backend.probe.z_route != "pattern":
-            return None
-        if backend.kind == "hooked_transformer":
-            return "hooked"
-        if backend.kind == "bridge":
-            if self._keep_ok is None:
-                self._keep_ok = self._check_logits_to_keep()
-            return "keep" if self._keep_ok else None
-        return None
-
-    @torch.no_grad()
-    def _check_logits_to_keep(self) -> bool:
-        """Whether the bridge's Hugging Face model honours ``logits_to_keep`` (checked once on six tokens)."""
-        hf = getattr(self.backend.model, "original_model", None)
-        try:
-            if hf is None or "logits_to_keep" not in inspect.signature(hf.forward).parameters:
-                return False
-            tokens = torch.linspace(1, self.backend.d_vocab - 1, 6).long()[None].to(self.backend.device)
-            rows = torch.tensor([1, 5], device=self.backend.device)
-            full = self.backend.model(tokens, return_type="logits")[:, rows]
-            kept = self.backend.model(tokens, return_type="logits", logits_to_keep=rows)
-        except (TypeError, ValueError, RuntimeError):
-            return False
-        return kept.shape == full.shape and bool(torch.allclose(kept, full, rtol=1e-4, atol=1e-5))
-
-    def _final_module(self) -> torch.nn.Module:
-        """The ``HookedTransformer`` module whose output is the unembedding's input."""
-        model = self.backend.model
-        return model.ln_final if model.cfg.normalization_type is not None else model.blocks[-1]
-
-    # ----------------------------------------------------------------------------------------------- passes
-    @torch.no_grad()
-    def _clean_pass(
-        self, tokens: Tensor, mask: Tensor | None, layers: list[int], start_layers: list[int], keep_final: bool
-    ) -> tuple[dict[int, Tensor], dict[int, Tensor], ForwardOutput, Tensor | None]:
-        """One unmodified forward: each layer's pattern, the residuals to start from, the output F reads, and
-        (``keep_final``) the unembedding's input."""
-        patterns: dict[int, Tensor] = {}
-        resids: dict[int, Tensor] = {}
-        captured: dict[str, Tensor] = {}
-        final: dict[str, Tensor] = {}
-
-        def keep(store: dict[int, Tensor], layer: int) -> Any:
-            def hook(x: Tensor, hook: Any) -> None:
-                store[layer] = x.detach().clone()
-
-            return hook
-
-        hooks: list[FwdHook] = [(self.backend.pattern_hook(lyr), keep(patterns, lyr)) for lyr in layers]
-        hooks += [(self.backend.resid_pre_hook(lyr), keep(resids, lyr)) for lyr in start_layers]
-        hooks += self._capture_hooks(captured)
-        handle = (
-            self._final_module().register_forward_hook(lambda m, i, out: final.__setitem__("x", out))
-            if keep_final else None
-        )
-        try:
-            logits = self.backend.run(tokens, hooks, mask)
-        finally:
-            if handle is not None:
-                handle.remove()
-        missing = [lyr for lyr in layers if lyr not in patterns]
-        if missing:
-            raise RuntimeError(f"{self.backend.describe()}: hook_pattern did not fire for layers {missing}")
-        return patterns, resids, ForwardOutput(logits, captured, mask), final.get("x")
-
-    def _start_mask(self, tokens: Tensor, mask: Tensor | None) -> Tensor | None:
-        """The attention mask ``HookedTransformer`` derives for these tokens (it is not derived when starting late)."""
-        with torch.no_grad():
-            return self.backend.model.input_to_embed(tokens, attention_mask=mask)[3]
-
     def _objective(self, out: ForwardOutput, tokens: Tensor, selector: Tensor | None, extra: tuple[Any, ...]) -> Tensor:
         if self.output_func is None:
             assert selector is not None
             return labels_objective(out.logits, selector, self.output)
         return select_output(self.output_func(out, tokens, *extra), selector)
 
-    def _layer_forward(self, layer: int, mode: str | None, rows: Tensor | None) -> Any:
+    def _layer_forward(self, layer: int, rows: Tensor | None) -> Any:
         """F as a function of layer ``layer``'s pattern (Captum's ``forward_func``); other arguments come expanded.
 
-        ``mode``/``rows``: compute only these logits rows (see ``_rows_mode``); the selector is cut to match.
+        ``rows``: compute only these logits rows (see ``Backend.rows_route``); the selector is cut to match.
         """
         backend = self.backend
-        model = backend.model
 
         def forward(
             pattern: Float[Tensor, "batch head query key"],
             tokens: Tensor,
             mask: Tensor | None,
-            tl_mask: Tensor | None,
+            start_mask: Tensor | None,
             resid: Tensor | None,
             selector: Tensor | None,
             *extra: Any,
         ) -> Tensor:
             captured: dict[str, Tensor] = {}
             hooks = backend.pattern_hooks(layer, replace_pattern(pattern)) + self._capture_hooks(captured)
-            start: dict[str, Any] = {} if resid is None else {"start_at_layer": layer}
-            first = tokens if resid is None else resid
-            run_mask = mask if resid is None else tl_mask
-            if mode == "hooked":
-                assert rows is not None and selector is not None
-                final: dict[str, Tensor] = {}
-                handle = self._final_module().register_forward_hook(lambda m, i, out: final.__setitem__("x", out))
-                try:
-                    model.run_with_hooks(first, fwd_hooks=hooks, return_type=None, attention_mask=run_mask, **start)
-                finally:
-                    handle.remove()
-                logits = model.unembed(final["x"][:, rows.to(final["x"].device)])
+            if rows is not None:
+                assert selector is not None
+                if resid is None:
+                    logits = backend.run_rows(tokens, rows, hooks, mask)
+                else:
+                    logits = backend.run_from_layer(resid, layer, hooks, start_mask, mask, rows=rows)
                 return labels_objective(logits, selector[:, rows.to(selector.device)], self.output)
-            if mode == "keep":
-                assert rows is not None and selector is not None
-                keep_rows = rows.to(tokens.device)
-                logits = model.run_with_hooks(
-                    tokens, fwd_hooks=hooks, return_type="logits", attention_mask=mask, logits_to_keep=keep_rows
-                )
-                return labels_objective(logits, selector[:, keep_rows], self.output)
             if resid is None:
                 logits = backend.run(tokens, hooks, mask)
             else:
-                logits = model.run_with_hooks(resid, fwd_hooks=hooks, return_type="logits", attention_mask=tl_mask,
-                                              **start)
+                logits = backend.run_from_layer(resid, layer, hooks, start_mask, mask)
             return self._objective(ForwardOutput(logits, captured, mask), tokens, selector, extra)
 
         return forward
+
+
+AttentionAttribution = SelfAttentionAttribution
+"""The former name of ``SelfAttentionAttribution`` (kept: ``at2_lens.AttentionAttribution``)."""
+
+__all__ = ["METHODS", "AttentionAttribution", "SelfAttentionAttribution"]

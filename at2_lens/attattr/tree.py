@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from at2_lens.attattr._utils import AttAttrResult
+from at2_lens._validate import check_int
+from at2_lens.attattr.result import AttAttrResult
 from at2_lens.errors import InputError
 
 if TYPE_CHECKING:
@@ -50,8 +51,7 @@ def layer_scores(result: AttAttrResult, example: int = 0) -> tuple[Tensor, Tenso
                          f"{type(result).__name__}")
     attr = result.attributions
     if result.batched:
-        if isinstance(example, bool) or not isinstance(example, int) or not 0 <= example < attr.shape[0]:
-            raise InputError(f"example: expected an index in [0, {attr.shape[0]}), got {example!r}")
+        example = check_int("example", example, minimum=0, maximum=attr.shape[0] - 1)
         attr = attr[example]
     elif example != 0:
         raise InputError(f"example: the result holds one example, so example must be 0, got {example!r}")

@@ -12,8 +12,9 @@ The interactions AttAttr finds most important on training examples are reused as
    as ``[CLS]``/``[SEP]`` stay where they are);
 3. ``trigger_attack``: accuracy on evaluation examples before and after inserting each pattern, as a DataFrame.
 
-Works with any encoder classifier object that ``at2_lens.attattr.heads`` accepts (``tokenize``, ``forward`` with
-``fwd_hooks``, ``backend`` or ``model``, and a linear ``head`` or an ``output_func``), e.g. ``SentimentClassifier``.
+Works with any encoder classifier object that ``at2_lens.attattr.head_importance`` accepts (``tokenize``,
+``forward`` with ``fwd_hooks``, ``backend`` or ``model``, and a linear ``head`` or an ``output_func``), e.g.
+``SentimentClassifier``.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
-from at2_lens.attattr._utils import OutputFunc, as_layer_list
-from at2_lens.attattr.attribution import AttentionAttribution
-from at2_lens.attattr.heads import _batches, _check_batch_size, _check_texts_labels, classifier_backend
-from at2_lens.attattr.heads import classifier_output_func as _output_func
+from at2_lens._validate import check_choice, check_int
+from at2_lens.attattr.attribution import SelfAttentionAttribution, as_layer_list
+from at2_lens.attattr.readouts import OutputFunc, classifier_output_func
 from at2_lens.errors import InputError
+from at2_lens.models.batching import check_texts_labels, length_batches
+from at2_lens.models.classifier import classifier_backend
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -116,18 +118,6 @@ def insert_pattern(content: Sequence[int], pattern: TriggerPattern) -> tuple[lis
     return out, (where[0], where[1])
 
 
-def _check_examples(examples: object) -> Examples:
-    if examples not in ("all", "other", "same"):
-        raise InputError(f"examples: expected 'all', 'other' or 'same', got {examples!r}")
-    return examples  # type: ignore[return-value]
-
-
-def _check_positive(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InputError(f"{name}: expected an integer >= 1, got {value!r}")
-    return value
-
-
 # ------------------------------------------------------------------------------------------------------- mining
 def mine_trigger_patterns(
     classifier: Any,
@@ -158,23 +148,22 @@ def mine_trigger_patterns(
     Returns:
         ``TriggerPattern`` objects, class by class (ascending class index), most frequent first.
     """
-    texts, gold = _check_texts_labels(texts, labels, need_labels=True)
+    texts, gold = check_texts_labels(texts, labels, need_labels=True)
     assert gold is not None
-    top_k = _check_positive("top_k", top_k)
-    n_patterns = _check_positive("n_patterns", n_patterns)
-    batch_size = _check_batch_size(batch_size)
-    if target not in ("predicted", "gold"):
-        raise InputError(f"target: expected 'predicted' or 'gold', got {target!r}")
+    top_k = check_int("top_k", top_k)
+    n_patterns = check_int("n_patterns", n_patterns)
+    batch_size = check_int("batch_size", batch_size)
+    check_choice("target", target, ("predicted", "gold"))
     backend = classifier_backend(classifier)
     layer_list = backend.check_layers(as_layer_list(layers))
-    func = output_func if output_func is not None else _output_func(classifier)
-    attributor = AttentionAttribution(backend, func)
+    func = output_func if output_func is not None else classifier_output_func(classifier)
+    attributor = SelfAttentionAttribution(backend, func)
     tokenizer = backend.tokenizer
     special = _special_ids(tokenizer)
 
     # (key_id, query_id, class) -> [count, sum key_rel, sum query_rel, sum score]
     stats: dict[tuple[int, int, int], list[float]] = {}
-    for idx in _batches(texts, batch_size):
+    for idx in length_batches(texts, batch_size):
         tokens, mask = classifier.tokenize([texts[i] for i in idx])
         tgt = torch.tensor([gold[i] for i in idx]) if target == "gold" else None
         res = attributor.attribute(tokens, target=tgt, layers=layer_list, n_steps=n_steps, attention_mask=mask)
@@ -285,10 +274,10 @@ def trigger_attack(
     """
     import pandas as pd
 
-    texts, gold = _check_texts_labels(texts, labels, need_labels=True)
+    texts, gold = check_texts_labels(texts, labels, need_labels=True)
     assert gold is not None
-    examples = _check_examples(examples)
-    batch_size = _check_batch_size(batch_size)
+    examples = check_choice("examples", examples, ("all", "other", "same"))
+    batch_size = check_int("batch_size", batch_size)
     if isinstance(patterns, TriggerPattern) or not isinstance(patterns, Sequence) or not patterns:
         raise InputError("patterns: expected a non-empty list of TriggerPattern (from mine_trigger_patterns)")
     if not all(isinstance(p, TriggerPattern) for p in patterns):

@@ -1,10 +1,11 @@
 """One view of every supported TransformerLens model class.
 
-``Backend`` wraps a ``HookedTransformer`` or ``HookedEncoder`` (TransformerLens 3.9) or a ``TransformerBridge``
-(3.9 and 4.x) and answers the questions the attribution methods ask: layer and head counts, causality, the
-tokenizer, hook names, how to run a forward pass with hooks, and how to apply an attention intervention so that
-it takes effect. Which hook can be edited is decided by a cheap probe at run time (see ``probe.py``), never by a
-version number.
+``Backend`` answers the questions the attribution methods ask of a model: layer and head counts, causality, the
+tokenizer, hook names, how to run a forward pass with hooks, and how to apply an attention intervention so that it
+takes effect. There is one subclass per model class (``hooked.py``: ``HookedTransformer``, ``HookedEncoder``;
+``bridge.py``: ``TransformerBridge``), chosen once from the model's type by ``Backend(model)`` / ``get_backend``;
+code outside ``at2_lens.backends`` never branches on the model class. Which hook can be edited is decided by a
+cheap probe at run time (see ``probe.py``), never by a version number.
 """
 
 from __future__ import annotations
@@ -12,15 +13,18 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from at2_lens.backends import _tl
+from at2_lens._validate import check_choice, check_int
+from at2_lens.backends import _tl, hook_names
 from at2_lens.backends.probe import AttentionProbe, probe_attention
 from at2_lens.errors import InputError, ModelNotSupportedError
 from at2_lens.interventions import (
@@ -33,49 +37,98 @@ from at2_lens.interventions import (
 
 ModelKind = Literal["hooked_transformer", "hooked_encoder", "bridge"]
 AccessMode = Literal["auto", "pattern", "z"]
+ACCESS_MODES: tuple[AccessMode, ...] = ("auto", "pattern", "z")
 
 
-def model_kind(model: Any) -> ModelKind:
-    """Which supported TransformerLens class ``model`` is; raises ModelNotSupportedError otherwise."""
-    ht, he = _tl.hooked_transformer_class(), _tl.hooked_encoder_class()
-    if ht is not None and isinstance(model, ht):
-        return "hooked_transformer"
-    if he is not None and isinstance(model, he):
-        return "hooked_encoder"
-    if isinstance(model, _tl.bridge_class()):
-        return "bridge"
+@dataclass
+class ModelFacts:
+    """What was measured on one model, shared by the backends ``get_backend`` makes for it.
+
+    Holds no reference to the model, so caching it per model (weakly keyed) never keeps a model alive.
+    """
+
+    probe: AttentionProbe | None = None
+    vocab_hash: str | None = None
+    cached_generation_broken: bool = False  # KV-cached decoding proved wrong (see generate_greedy)
+    extra: dict[str, Any] = field(default_factory=dict)  # subclass-specific measurements
+
+
+def _backend_classes() -> tuple[type[Backend], ...]:
+    """The backend subclasses, in the order they are tried (imported here: they import this module)."""
+    from at2_lens.backends.bridge import BridgeBackend
+    from at2_lens.backends.hooked import HookedEncoderBackend, HookedTransformerBackend
+
+    return (HookedTransformerBackend, HookedEncoderBackend, BridgeBackend)
+
+
+def backend_class(model: Any) -> type[Backend]:
+    """The ``Backend`` subclass for ``model``'s class; raises ModelNotSupportedError for anything else."""
+    for cls in _backend_classes():
+        if cls.accepts(model):
+            return cls
     raise ModelNotSupportedError(
         f"model: expected a TransformerLens HookedTransformer, HookedEncoder or TransformerBridge, "
         f"got {type(model).__module__}.{type(model).__name__}"
     )
 
 
+def model_kind(model: Any) -> ModelKind:
+    """Which supported TransformerLens class ``model`` is; raises ModelNotSupportedError otherwise."""
+    return backend_class(model).kind
+
+
 class Backend:
     """The single adapter between the attribution methods and a TransformerLens model.
+
+    ``Backend(model)`` returns the subclass instance for the model's class. Subclasses override what differs
+    between model classes; everything else is shared here.
 
     Args:
         model: a ``HookedTransformer``/``HookedEncoder`` (TL 3.9) or ``TransformerBridge`` (TL 3.9/4.x).
         attention_access: where pattern interventions are applied. ``"auto"`` (default) probes the model and
             prefers ``hook_pattern``, falling back to ``hook_z``; ``"pattern"``/``"z"`` force one (and fail
             clearly if the probe shows it does not work).
+        facts: measurements to share with other backends of the same model (``get_backend`` passes them).
     """
 
-    def __init__(self, model: Any, attention_access: AccessMode = "auto") -> None:
-        if attention_access not in ("auto", "pattern", "z"):
-            raise InputError(f"attention_access: expected 'auto', 'pattern' or 'z', got {attention_access!r}")
+    kind: ClassVar[ModelKind]
+    """Which model class this backend serves (for messages and records; never branch on it)."""
+
+    def __new__(cls, model: Any = None, *args: Any, **kwargs: Any) -> Backend:
+        # ``Backend(model)`` picks the subclass for the model's class (einops-style dispatch, done once here).
+        if cls is Backend and model is not None:
+            cls = backend_class(model)
+        return super().__new__(cls)
+
+    def __init__(self, model: Any, attention_access: AccessMode = "auto", *, facts: ModelFacts | None = None) -> None:
+        check_choice("attention_access", attention_access, ACCESS_MODES)
+        if not type(self).accepts(model):
+            backend_class(model)  # raises for unsupported models
+            raise ModelNotSupportedError(f"model: {type(self).__name__} cannot serve a {type(model).__name__}")
         self.model = model
-        self.kind: ModelKind = model_kind(model)
         self.requested_access: AccessMode = attention_access
+        self.facts = facts if facts is not None else ModelFacts()
         cfg = model.cfg
         self.n_layers: int = int(cfg.n_layers)
         self.n_heads: int = int(cfg.n_heads)
         self.n_kv_heads: int = int(getattr(cfg, "n_key_value_heads", None) or self.n_heads)
         self.d_model: int = int(cfg.d_model)
         self.d_head: int = int(cfg.d_head)
+        self.d_mlp: int = int(getattr(cfg, "d_mlp", None) or 4 * self.d_model)
         self.d_vocab: int = int(cfg.d_vocab)
         self.n_ctx: int = int(cfg.n_ctx)
         self._active_mask: Tensor | None = None
-        self._cached_generation_broken = False  # set when KV-cached decoding proved wrong (generate_greedy)
+
+    @classmethod
+    def model_class(cls) -> type[Any] | None:
+        """The TransformerLens class this backend serves, or None where this TransformerLens line lacks it."""
+        raise NotImplementedError
+
+    @classmethod
+    def accepts(cls, model: Any) -> bool:
+        """Whether this backend serves ``model``."""
+        model_cls = cls.model_class()
+        return model_cls is not None and isinstance(model, model_cls)
 
     # ----------------------------------------------------------------------------------------------- identity
     @property
@@ -88,11 +141,8 @@ class Backend:
 
     @property
     def architecture(self) -> str:
-        """Architecture name, e.g. ``LlamaForCausalLM`` (from the config or the wrapped HF model)."""
+        """Architecture name, e.g. ``LlamaForCausalLM`` (from the config)."""
         arch = getattr(self.model.cfg, "original_architecture", None)
-        if not arch and self.kind == "bridge":
-            original = getattr(self.model, "original_model", None)
-            arch = type(original).__name__ if original is not None else None
         return str(arch or type(self.model).__name__)
 
     @property
@@ -103,17 +153,21 @@ class Backend:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    @cached_property
+    @property
     def vocab_hash(self) -> str:
         """sha256 of the tokenizer's vocabulary, so estimators can check they belong to this model."""
-        vocab = sorted(self.tokenizer.get_vocab().items())
-        return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8")).hexdigest()
+        if self.facts.vocab_hash is None:
+            vocab = sorted(self.tokenizer.get_vocab().items())
+            self.facts.vocab_hash = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8")).hexdigest()
+        return self.facts.vocab_hash
 
     # ------------------------------------------------------------------------------------------------- probing
     @cached_property
     def probe(self) -> AttentionProbe:
         """What this model lets us read and edit, measured once on a short input."""
-        return probe_attention(self)
+        if self.facts.probe is None:
+            self.facts.probe = probe_attention(self)
+        return self.facts.probe
 
     @property
     def is_causal(self) -> bool:
@@ -146,33 +200,23 @@ class Backend:
         return f"{self.kind} {self.architecture} (TransformerLens {'.'.join(map(str, _tl.tl_version()))})"
 
     # ---------------------------------------------------------------------------------------------- hook names
-    @staticmethod
-    def pattern_hook(layer: int) -> str:
-        return f"blocks.{layer}.attn.hook_pattern"
+    # The names every supported class shares, from ``hook_names`` (TransformerLens's ``get_act_name``).
+    pattern_hook = staticmethod(hook_names.pattern)
+    z_hook = staticmethod(hook_names.z)
+    q_hook = staticmethod(hook_names.q)
+    k_hook = staticmethod(hook_names.k)
+    v_hook = staticmethod(hook_names.v)
+    resid_pre_hook = staticmethod(hook_names.resid_pre)
+    resid_post_hook = staticmethod(hook_names.resid_post)
 
-    @staticmethod
-    def z_hook(layer: int) -> str:
-        return f"blocks.{layer}.attn.hook_z"
+    def final_hidden_hook(self) -> str:
+        """The hook holding the model's final hidden state ``[batch, pos, d_model]`` (the unembedding's input,
+        or an encoder's ``last_hidden_state``). Each model class names it differently."""
+        raise NotImplementedError
 
-    @staticmethod
-    def q_hook(layer: int) -> str:
-        return f"blocks.{layer}.attn.hook_q"
-
-    @staticmethod
-    def k_hook(layer: int) -> str:
-        return f"blocks.{layer}.attn.hook_k"
-
-    @staticmethod
-    def v_hook(layer: int) -> str:
-        return f"blocks.{layer}.attn.hook_v"
-
-    @staticmethod
-    def resid_pre_hook(layer: int) -> str:
-        return f"blocks.{layer}.hook_resid_pre"
-
-    @staticmethod
-    def resid_post_hook(layer: int) -> str:
-        return f"blocks.{layer}.hook_resid_post"
+    def has_hook(self, name: str) -> bool:
+        """Whether ``name`` is a hook point of this model."""
+        return name in getattr(self.model, "hook_dict", {})
 
     def check_layers(self, layers: Sequence[int] | None, name: str = "layers") -> list[int]:
         """Validate a list of layer indices (None means all) and return it sorted."""
@@ -208,6 +252,10 @@ class Backend:
             raise InputError(f"attention_mask: expected shape {tuple(tokens.shape)}, got {tuple(attention_mask.shape)}")
         return tokens
 
+    def _mask_kwargs(self, attention_mask: Tensor | None) -> dict[str, Any]:
+        """``attention_mask`` (1 = real token, 0 = padding) under the keyword this model class expects."""
+        return {} if attention_mask is None else {"attention_mask": attention_mask.to(self.device)}
+
     def run(
         self,
         tokens: Int[Tensor, "batch pos"],
@@ -219,10 +267,7 @@ class Backend:
         ``attention_mask`` (1 = real token, 0 = padding) is passed under the name each model class expects.
         """
         tokens = tokens.to(self.device)
-        kwargs: dict[str, Any] = {"return_type": "logits"}
-        if attention_mask is not None:
-            key = "one_zero_attention_mask" if self.kind == "hooked_encoder" else "attention_mask"
-            kwargs[key] = attention_mask.to(self.device)
+        kwargs: dict[str, Any] = {"return_type": "logits", **self._mask_kwargs(attention_mask)}
         self._active_mask = attention_mask
         try:
             if not fwd_hooks:
@@ -230,6 +275,68 @@ class Backend:
             return self.model.run_with_hooks(tokens, fwd_hooks=list(fwd_hooks), **kwargs)
         finally:
             self._active_mask = None
+
+    # ------------------------------------------------------------------ cheaper forwards (where the class allows)
+    @property
+    def can_start_at_layer(self) -> bool:
+        """Whether ``run_from_layer`` can start a forward at a block from its cached ``hook_resid_pre``."""
+        return False
+
+    def start_mask(self, tokens: Tensor, attention_mask: Tensor | None) -> Tensor | None:
+        """The attention mask the model derives for ``tokens`` at the embedding, for ``run_from_layer``."""
+        raise ModelNotSupportedError(f"{self.describe()} cannot start a forward pass at a later layer")
+
+    def run_from_layer(
+        self,
+        resid: Tensor,
+        layer: int,
+        fwd_hooks: Sequence[FwdHook] = (),
+        start_mask: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        *,
+        rows: Tensor | None = None,
+    ) -> Tensor:
+        """Logits of a forward pass that starts at block ``layer`` from ``resid`` (its ``hook_resid_pre``).
+
+        ``start_mask`` is ``start_mask(tokens, attention_mask)``; with ``rows`` only those logits rows are computed
+        (``[batch, len(rows), vocab]``), as ``run_rows``.
+        """
+        raise ModelNotSupportedError(f"{self.describe()} cannot start a forward pass at a later layer")
+
+    def _edits_need_no_mask(self) -> bool:
+        """Whether attention edits on this model work without knowing the padding mask (the rows-only routes run
+        the model in ways that were checked only for these)."""
+        return self.attention_access == "pattern" or self.probe.z_route == "pattern"
+
+    @property
+    def rows_route(self) -> str | None:
+        """How ``run_rows`` computes only some logits rows on this model, or None where it cannot."""
+        return None
+
+    def run_rows(
+        self,
+        tokens: Int[Tensor, "batch pos"],
+        rows: Int[Tensor, " rows"],
+        fwd_hooks: Sequence[FwdHook] = (),
+        attention_mask: Int[Tensor, "batch pos"] | None = None,
+    ) -> Tensor:
+        """Logits rows ``rows`` (positions) only, ``[batch, len(rows), vocab]``, from one forward pass with hooks.
+
+        Only the chosen rows are computed where ``rows_route`` is set; elsewhere the full logits are sliced.
+        """
+        logits = self.run(tokens, fwd_hooks, attention_mask)
+        return logits[:, rows.to(logits.device)]
+
+    def run_checking_rows(
+        self,
+        tokens: Int[Tensor, "batch pos"],
+        rows: Int[Tensor, " rows"],
+        fwd_hooks: Sequence[FwdHook] = (),
+        attention_mask: Int[Tensor, "batch pos"] | None = None,
+    ) -> tuple[Tensor, bool]:
+        """``run``'s full logits, and whether ``run_rows`` reproduces them at ``rows`` on this very input (checked
+        from the same forward pass where the rows route could differ, e.g. a logit soft cap)."""
+        return self.run(tokens, fwd_hooks, attention_mask), True
 
     # ------------------------------------------------------------------------------------------- interventions
     def pattern_hooks(self, layer: int, transform: PatternTransform) -> list[FwdHook]:
@@ -273,19 +380,18 @@ class Backend:
         """
         if not self.is_causal:
             raise ModelNotSupportedError(f"{self.describe()} is an encoder: it cannot generate a response")
-        if max_new_tokens < 1:
-            raise InputError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
+        max_new_tokens = check_int("max_new_tokens", max_new_tokens)
         ids = self.check_tokens(input_ids, name="input_ids")
         eos = self.tokenizer.eos_token_id
         limit = min(max_new_tokens, self.n_ctx - ids.shape[1])
         if limit < 1:
             raise InputError(f"input_ids: the prompt ({ids.shape[1]} tokens) fills the context window ({self.n_ctx})")
         ids = ids.to(self.device)
-        if not self._cached_generation_broken:
+        if not self.facts.cached_generation_broken:
             new = self._generate(ids, limit, eos, use_cache=True)
             if self._is_greedy_continuation(ids, new):
                 return new
-            self._cached_generation_broken = True
+            self.facts.cached_generation_broken = True
             warnings.warn(
                 f"{self.describe()}: greedy decoding with the KV cache disagrees with an uncached forward pass (a "
                 "TransformerLens/transformers incompatibility); generating without the cache from now on (slower, "
@@ -293,18 +399,13 @@ class Backend:
             )
         return self._generate(ids, limit, eos, use_cache=False)
 
+    def _generate_ids(self, ids: Tensor, limit: int, eos: int | None, *, use_cache: bool) -> Tensor:
+        """The model's own greedy generation: prompt ``ids`` [1, pos] followed by up to ``limit`` new ids."""
+        raise ModelNotSupportedError(f"{self.describe()} cannot generate a response")
+
     def _generate(self, ids: Tensor, limit: int, eos: int | None, *, use_cache: bool) -> Tensor:
         """``limit`` greedy tokens after ``ids`` [1, pos] (cut at the first EOS, which is dropped), on the CPU."""
-        if self.kind == "bridge":
-            out = self.model.original_model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=limit, do_sample=False, use_cache=use_cache,
-                eos_token_id=eos, pad_token_id=eos if eos is not None else 0,
-            )
-        else:
-            out = self.model.generate(
-                ids, max_new_tokens=limit, do_sample=False, stop_at_eos=eos is not None, eos_token_id=eos,
-                verbose=False, return_type="tokens", use_past_kv_cache=use_cache,
-            )
+        out = self._generate_ids(ids, limit, eos, use_cache=use_cache)
         new = out[0, ids.shape[1]:].cpu()
         if eos is not None:
             stop = (new == eos).nonzero()
@@ -323,20 +424,40 @@ class Backend:
         return bool((predicted == new).all())
 
 
-_CACHE_ATTR = "_at2_lens_backends"
+# -------------------------------------------------------------------------------------------------------- cache
+@dataclass
+class _CacheEntry:
+    facts: ModelFacts
+    backends: weakref.WeakValueDictionary[str, Backend]
+
+
+# Keyed weakly by the model, so neither the model object is touched nor kept alive. The backends themselves are
+# held weakly too (each one references its model); what was measured survives them in ``facts``.
+_CACHE: weakref.WeakKeyDictionary[Any, _CacheEntry] = weakref.WeakKeyDictionary()
 
 
 def get_backend(model: Any, attention_access: AccessMode = "auto") -> Backend:
-    """The (cached) ``Backend`` of a model; pass a ``Backend`` through unchanged."""
+    """The (cached) ``Backend`` of a model; pass a ``Backend`` through unchanged.
+
+    While a backend is in use, the same object is returned for the same model and ``attention_access``; the probe
+    and other measurements are kept per model for as long as the model lives.
+    """
     if isinstance(model, Backend):
         return model
-    cache: dict[str, Backend] | None = getattr(model, _CACHE_ATTR, None)
-    if cache is None:
-        cache = {}
-        try:
-            object.__setattr__(model, _CACHE_ATTR, cache)
-        except (AttributeError, TypeError):
-            return Backend(model, attention_access)
-    if attention_access not in cache:
-        cache[attention_access] = Backend(model, attention_access)
-    return cache[attention_access]
+    check_choice("attention_access", attention_access, ACCESS_MODES)
+    try:
+        entry = _CACHE.get(model)
+        if entry is None:
+            entry = _CacheEntry(ModelFacts(), weakref.WeakValueDictionary())
+            _CACHE[model] = entry
+    except TypeError:  # not weakly referenceable or not hashable: no cache
+        return Backend(model, attention_access)
+    backend = entry.backends.get(attention_access)
+    if backend is None:
+        backend = Backend(model, attention_access, facts=entry.facts)
+        entry.backends[attention_access] = backend
+    return backend
+
+
+__all__ = ["ACCESS_MODES", "AccessMode", "Backend", "ModelFacts", "ModelKind", "backend_class", "get_backend",
+           "model_kind"]

@@ -83,7 +83,8 @@ def cmd_heads(args: argparse.Namespace) -> int:
     import json
 
     from at2_lens._io import atomic_write_text
-    from at2_lens.attattr.heads import METHODS, compare_pruning, plot_pruning
+    from at2_lens.attattr.head_importance import IMPORTANCE_METHODS as METHODS
+    from at2_lens.attattr.head_importance import compare_pruning, plot_pruning
     from at2_lens.models.classifier import load_sst2
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]

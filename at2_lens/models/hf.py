@@ -28,10 +28,10 @@ from typing import Any, Literal
 
 import torch
 
+from at2_lens._validate import check_choice
 from at2_lens.backends import _tl
 from at2_lens.errors import InputError, ModelLoadError
-
-Backend = Literal["auto", "hooked", "bridge"]
+from at2_lens.models import BACKEND_CHOICES, BackendChoice
 
 # Model types loaded as masked-LM encoders (TransformerBridge adapters: BertForMaskedLM, RobertaForMaskedLM).
 ENCODER_MODEL_TYPES = frozenset({"bert", "roberta"})
@@ -53,8 +53,7 @@ def resolve_backend(backend: str) -> Literal["hooked", "bridge"]:
     Raises InputError for an unknown name and ModelLoadError for ``"hooked"`` on TransformerLens 4.x, before any
     weights are read.
     """
-    if backend not in ("auto", "hooked", "bridge"):
-        raise InputError(f"backend: expected 'auto', 'hooked' or 'bridge', got {backend!r}")
+    check_choice("backend", backend, BACKEND_CHOICES)
     has_hooked = _tl.has_hooked_classes()
     if backend == "auto":
         return "hooked" if has_hooked else "bridge"
@@ -325,7 +324,7 @@ def bridge_from_hf(
 
 def load_hf(
     name_or_path: str | os.PathLike[str],
-    backend: Backend = "auto",
+    backend: BackendChoice = "auto",
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,

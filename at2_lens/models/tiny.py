@@ -16,10 +16,11 @@ from typing import Any, Literal
 
 import torch
 
+from at2_lens._validate import check_choice
 from at2_lens.errors import InputError
+from at2_lens.models import BACKEND_CHOICES, BackendChoice
 
 TinyArch = Literal["llama", "bert"]
-Backend = Literal["auto", "hooked", "bridge"]
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n{% endfor %}"
@@ -116,7 +117,7 @@ def save_tiny(arch: TinyArch, directory: str | Path, *, seed: int = 0, **kwargs:
     return directory
 
 
-def load_tiny(arch: TinyArch = "llama", backend: Backend = "auto", *, seed: int = 0, **kwargs: Any) -> Any:
+def load_tiny(arch: TinyArch = "llama", backend: BackendChoice = "auto", *, seed: int = 0, **kwargs: Any) -> Any:
     """A tiny random TransformerLens model: ``hooked`` (TL 3.9 only) or ``bridge`` (both lines).
 
     ``auto`` picks the hooked class where it exists. Same ``seed`` → same weights on every backend. The model is
@@ -125,8 +126,7 @@ def load_tiny(arch: TinyArch = "llama", backend: Backend = "auto", *, seed: int 
     """
     from at2_lens.models.hf import load_hf
 
-    if backend not in ("auto", "hooked", "bridge"):
-        raise InputError(f"backend: expected 'auto', 'hooked' or 'bridge', got {backend!r}")
+    check_choice("backend", backend, BACKEND_CHOICES)
     d = save_tiny(arch, _workdir() / "model", seed=seed, **kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -2,7 +2,7 @@
 
 ``head_importance(method, classifier, texts, labels)`` scores every attention head, ``[layer, head]``:
 
-- ``"attattr"``: ``I_{l,h} = Σ_x max_{i,j} Attr_{l,h}(x)[i, j]`` with ``AttentionAttribution`` and F the probability
+- ``"attattr"``: ``I_{l,h} = Σ_x max_{i,j} Attr_{l,h}(x)[i, j]`` with ``SelfAttentionAttribution`` and F the probability
   of the predicted (or gold) class;
 - ``"attention"``: ``Σ_x max_{i,j} A_{l,h}(x)[i, j]``, the attention-score baseline;
 - ``"taylor"``: ``Σ_x |⟨∂L/∂z_{l,h}, z_{l,h}⟩|`` (Michel et al. 2019) with ``z = blocks.{l}.attn.hook_z`` of the head
@@ -14,122 +14,47 @@ intervention, ``Backend.pattern_hooks``, so the head contributes nothing but the
 accuracy; ``compare_pruning`` runs every method, ``plot_pruning`` draws the curves (matplotlib).
 
 A classifier is any object with ``forward(tokens, attention_mask=None, fwd_hooks=()) -> probabilities [batch, n]``,
-``tokenize(texts) -> (tokens, attention_mask)`` and ``backend`` (or ``model``), e.g. ``SentimentClassifier``.
-AttAttr also needs F inside the attributed pass: pass ``output_func``, or give the classifier an ``output_func``
-attribute, or a ``head`` with ``weight``, ``bias`` and ``pooling`` (linear head on the pooled final hidden state).
+``tokenize(texts) -> (tokens, attention_mask)`` and ``backend`` (or ``model``), e.g. ``SentimentClassifier`` (see
+``at2_lens.models.classifier.Classifier``). AttAttr also needs F inside the attributed pass: pass ``output_func``, or
+give the classifier an ``output_func`` attribute, or a ``head`` with ``weight``, ``bias`` and ``pooling`` (linear
+head on the pooled final hidden state; ``at2_lens.attattr.readouts.classifier_output_func``).
+
+("Heads" here are attention heads; the trained classifier heads shipped with the package live in
+``at2_lens/classifier_heads/``.)
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from at2_lens.attattr._utils import FINAL_HIDDEN, ForwardOutput, OutputFunc
-from at2_lens.attattr.attribution import AttentionAttribution
-from at2_lens.backends import Backend, get_backend
+from at2_lens._validate import check_choice, check_fraction, check_int
+from at2_lens.attattr.attribution import SelfAttentionAttribution
+from at2_lens.attattr.readouts import OutputFunc, classifier_output_func
+from at2_lens.backends import Backend
 from at2_lens.errors import InputError
 from at2_lens.interventions import FwdHook, PatternTransform
+from at2_lens.models.batching import check_texts_labels, length_batches
+from at2_lens.models.classifier import Classifier, classifier_backend
 
 if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
 
 ImportanceMethod = Literal["attattr", "attention", "taylor", "random"]
-METHODS: tuple[str, ...] = ("attattr", "attention", "taylor", "random")
+IMPORTANCE_METHODS: tuple[ImportanceMethod, ...] = ("attattr", "attention", "taylor", "random")
 DEFAULT_FRACTIONS: tuple[float, ...] = tuple(i / 10 for i in range(11))
 
 
-class Classifier(Protocol):
-    """What the functions here need of a classifier."""
-
-    def forward(
-        self, tokens: Tensor, attention_mask: Tensor | None = None, fwd_hooks: Sequence[FwdHook] = ()
-    ) -> Tensor: ...
-
-    def tokenize(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]: ...
-
-
 # ------------------------------------------------------------------------------------------------------- helpers
-def classifier_backend(classifier: Any) -> Backend:
-    """The classifier's ``Backend`` (its ``backend`` attribute, else ``get_backend(classifier.model)``)."""
-    backend = getattr(classifier, "backend", None)
-    if isinstance(backend, Backend):
-        return backend
-    model = getattr(classifier, "model", None)
-    if model is None:
-        raise InputError("classifier: expected an object with a 'backend' or 'model' attribute")
-    return get_backend(model)
-
-
-def _check_texts_labels(texts: object, labels: object, *, need_labels: bool) -> tuple[list[str], list[int] | None]:
-    if isinstance(texts, str) or not isinstance(texts, Sequence) or len(texts) == 0:
-        raise InputError(f"texts: expected a non-empty list of strings, got {type(texts).__name__}")
-    if not all(isinstance(t, str) for t in texts):
-        raise InputError("texts: every item must be a string")
-    if labels is None:
-        if need_labels:
-            raise InputError("labels: this method needs the gold labels")
-        return list(texts), None
-    if isinstance(labels, Tensor):
-        labels = labels.reshape(-1).tolist()
-    if isinstance(labels, str) or not isinstance(labels, Sequence) or len(labels) != len(texts):
-        raise InputError(f"labels: expected a sequence of {len(texts)} class indices")
-    return list(texts), [int(y) for y in labels]
-
-
-def _check_batch_size(batch_size: object) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
-    return batch_size
-
-
-def _batches(texts: Sequence[str], batch_size: int) -> list[list[int]]:
-    """Indices of ``texts`` in batches of similar length (stable: same batches as ``SentimentClassifier``)."""
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
 def _real_pairs(mask: Tensor | None, n_pos: int, n_rows: int, device: torch.device) -> Tensor:
     """``[batch, query, key]`` True where both positions are real tokens."""
     real = (torch.ones(n_rows, n_pos, dtype=torch.bool) if mask is None else mask.bool()).to(device)
     return real[:, :, None] & real[:, None, :]
-
-
-# -------------------------------------------------------------------------------------------------- F for AttAttr
-class _LinearHeadOutput:
-    """``output_func`` for AttAttr: softmax of a linear head on the pooled final hidden state."""
-
-    hook_names: tuple[str, ...] = (FINAL_HIDDEN,)
-
-    def __init__(self, weight: Tensor, bias: Tensor, pooling: str) -> None:
-        self.weight, self.bias, self.pooling = weight, bias, pooling
-
-    def __call__(self, out: ForwardOutput, inputs: Tensor, *args: Any) -> Tensor:
-        from at2_lens.models.classifier import pool
-
-        hidden = out.activations[FINAL_HIDDEN]
-        pooled = pool(hidden, out.attention_mask, self.pooling)
-        w = self.weight.to(pooled.device, pooled.dtype)
-        logits = pooled @ w.T + self.bias.to(pooled.device, pooled.dtype)
-        return torch.softmax(logits, dim=-1)
-
-
-def classifier_output_func(classifier: Any) -> OutputFunc:
-    """F for AttAttr: ``classifier.output_func`` if present, else built from ``classifier.head`` (probabilities)."""
-    func = getattr(classifier, "output_func", None)
-    if func is not None:
-        return func  # type: ignore[no-any-return]
-    head = getattr(classifier, "head", None)
-    if head is not None and hasattr(head, "weight") and hasattr(head, "bias"):
-        return _LinearHeadOutput(head.weight, head.bias, str(getattr(head, "pooling", "mean")))
-    raise InputError(
-        "classifier: AttAttr needs F inside the attributed pass; pass output_func=..., or give the classifier an "
-        "'output_func' attribute or a linear 'head' (weight, bias, pooling) on the final hidden state"
-    )
 
 
 # ----------------------------------------------------------------------------------------------- importance scores
@@ -145,15 +70,14 @@ def attattr_importance(
     output_func: OutputFunc | None = None,
 ) -> Float[Tensor, "layer head"]:
     """``Σ_x max_{i,j} Attr_{l,h}(x)[i, j]`` over ``texts`` (padding excluded); F = probability of the target class."""
-    if target not in ("predicted", "gold"):
-        raise InputError(f"target: expected 'predicted' or 'gold', got {target!r}")
-    texts, gold = _check_texts_labels(texts, labels, need_labels=target == "gold")
-    batch_size = _check_batch_size(batch_size)
+    check_choice("target", target, ("predicted", "gold"))
+    texts, gold = check_texts_labels(texts, labels, need_labels=target == "gold")
+    batch_size = check_int("batch_size", batch_size)
     backend = classifier_backend(classifier)
     func = output_func if output_func is not None else classifier_output_func(classifier)
-    attributor = AttentionAttribution(backend, func)
+    attributor = SelfAttentionAttribution(backend, func)
     total = torch.zeros(backend.n_layers, backend.n_heads, dtype=torch.float64)
-    for idx in _batches(texts, batch_size):
+    for idx in length_batches(texts, batch_size):
         tokens, mask = classifier.tokenize([texts[i] for i in idx])
         tgt = None if gold is None or target == "predicted" else torch.tensor([gold[i] for i in idx])
         result = attributor.attribute(
@@ -169,11 +93,11 @@ def attention_importance(
     classifier: Any, texts: Sequence[str], labels: Sequence[int] | None = None, *, batch_size: int = 32
 ) -> Float[Tensor, "layer head"]:
     """``Σ_x max_{i,j} A_{l,h}(x)[i, j]``: the attention-score baseline (real query/key pairs only)."""
-    texts, _ = _check_texts_labels(texts, labels, need_labels=False)
-    batch_size = _check_batch_size(batch_size)
+    texts, _ = check_texts_labels(texts, labels, need_labels=False)
+    batch_size = check_int("batch_size", batch_size)
     backend = classifier_backend(classifier)
     total = torch.zeros(backend.n_layers, backend.n_heads, dtype=torch.float64)
-    for idx in _batches(texts, batch_size):
+    for idx in length_batches(texts, batch_size):
         tokens, mask = classifier.tokenize([texts[i] for i in idx])
         maxima: dict[int, Tensor] = {}
 
@@ -201,12 +125,12 @@ def taylor_importance(
 
     With ``normalise`` (default), each layer's scores are divided by their l2 norm (Michel et al., 2019).
     """
-    texts, gold = _check_texts_labels(texts, labels, need_labels=True)
+    texts, gold = check_texts_labels(texts, labels, need_labels=True)
     assert gold is not None
-    batch_size = _check_batch_size(batch_size)
+    batch_size = check_int("batch_size", batch_size)
     backend = classifier_backend(classifier)
     total = torch.zeros(backend.n_layers, backend.n_heads, dtype=torch.float64)
-    for idx in _batches(texts, batch_size):
+    for idx in length_batches(texts, batch_size):
         tokens, mask = classifier.tokenize([texts[i] for i in idx])
         zs: dict[int, Tensor] = {}
 
@@ -261,8 +185,7 @@ def head_importance(
     """
     if method == "random":
         return random_importance(classifier, seed=seed)
-    if method not in METHODS:
-        raise InputError(f"method: expected one of {METHODS}, got {method!r}")
+    check_choice("method", method, IMPORTANCE_METHODS)
     if texts is None:
         raise InputError(f"texts: method {method!r} needs texts")
     if method == "attattr":
@@ -337,20 +260,20 @@ def pruning_sweep(
     """
     import pandas as pd
 
-    texts, gold = _check_texts_labels(texts, labels, need_labels=True)
+    texts, gold = check_texts_labels(texts, labels, need_labels=True)
     assert gold is not None
-    batch_size = _check_batch_size(batch_size)
+    batch_size = check_int("batch_size", batch_size)
     backend = classifier_backend(classifier)
     if not isinstance(importance, Tensor) or importance.shape != (backend.n_layers, backend.n_heads):
         raise InputError(f"importance: expected a tensor of shape {(backend.n_layers, backend.n_heads)}")
     if not bool(torch.isfinite(importance).all()):
         raise InputError("importance: every score must be finite")
-    fracs = [float(f) for f in fractions]
-    if not fracs or any(not 0.0 <= f <= 1.0 for f in fracs):
-        raise InputError(f"fractions: expected values in [0, 1], got {list(fractions)!r}")
+    fracs = [check_fraction("fractions", f, closed=True) for f in fractions]
+    if not fracs:
+        raise InputError("fractions: expected at least one fraction in [0, 1]")
     n_heads = backend.n_layers * backend.n_heads
     batches = []
-    for idx in _batches(texts, batch_size):
+    for idx in length_batches(texts, batch_size):
         tokens, mask = classifier.tokenize([texts[i] for i in idx])
         batches.append((tokens, mask, torch.tensor([gold[i] for i in idx])))
     rows = []
@@ -368,7 +291,7 @@ def compare_pruning(
     importance_labels: Sequence[int],
     eval_texts: Sequence[str],
     eval_labels: Sequence[int],
-    methods: Sequence[str] = METHODS,
+    methods: Sequence[str] = IMPORTANCE_METHODS,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     *,
     seed: int = 0,
@@ -426,13 +349,11 @@ def plot_pruning(df: pd.DataFrame, path: str | None = None, *, title: str | None
 
 __all__ = [
     "DEFAULT_FRACTIONS",
-    "METHODS",
+    "IMPORTANCE_METHODS",
     "Classifier",
     "ImportanceMethod",
     "attattr_importance",
     "attention_importance",
-    "classifier_backend",
-    "classifier_output_func",
     "compare_pruning",
     "head_importance",
     "head_mask_hooks",

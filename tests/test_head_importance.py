@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from at2_lens.attattr.heads import (
-    METHODS,
+from at2_lens.attattr.head_importance import (
+    IMPORTANCE_METHODS,
     compare_pruning,
     head_importance,
     head_mask_hooks,
@@ -25,7 +25,7 @@ from at2_lens.attattr.heads import (
 )
 from at2_lens.backends import get_backend
 from at2_lens.errors import InputError
-from at2_lens.models.classifier import final_hidden_hook, mean_pool
+from at2_lens.models.pooling import mean_pool
 from tests.conftest import BACKENDS, SHARED_DATA, shared_data
 
 TEXTS = ["a good film", "bad", "the plot was dull and far too long", "fine acting , weak script", "great"]
@@ -53,7 +53,7 @@ class TinyClassifier:
         def capture(x: Tensor, hook: Any) -> None:
             seen["h"] = x
 
-        hooks = [*fwd_hooks, (final_hidden_hook(self.backend), capture)]
+        hooks = [*fwd_hooks, (self.backend.final_hidden_hook(), capture)]
         self.backend.run(tokens, fwd_hooks=hooks, attention_mask=attention_mask)
         pooled = mean_pool(seen["h"], attention_mask)
         return torch.softmax(pooled @ self.head.weight.T + self.head.bias, dim=-1)
@@ -69,7 +69,7 @@ def tiny_classifiers(tiny_bert_models: dict[str, object]) -> dict[str, TinyClass
 
 # ------------------------------------------------------------------------------------------------- importance
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", IMPORTANCE_METHODS)
 def test_importance_shape_finite_deterministic(
     tiny_classifiers: dict[str, TinyClassifier], backend: str, method: str
 ) -> None:
@@ -192,11 +192,11 @@ def test_compare_pruning_and_plot(tiny_classifiers: dict[str, TinyClassifier], t
     df = compare_pruning(
         clf, TEXTS, LABELS, TEXTS, LABELS, fractions=(0.0, 1.0), method_kwargs={"attattr": {"n_steps": 2}}
     )
-    assert list(df["method"].unique()) == list(METHODS)
-    assert len(df) == 2 * len(METHODS)
+    assert list(df["method"].unique()) == list(IMPORTANCE_METHODS)
+    assert len(df) == 2 * len(IMPORTANCE_METHODS)
     assert df[df.fraction == 0.0]["accuracy"].nunique() == 1
     assert df[df.fraction == 1.0]["accuracy"].nunique() == 1
-    assert set(df.attrs["importance"]) == set(METHODS)
+    assert set(df.attrs["importance"]) == set(IMPORTANCE_METHODS)
     if importlib.util.find_spec("matplotlib") is None:
         with pytest.raises(ImportError, match="pip install matplotlib"):
             plot_pruning(df)
