@@ -7,7 +7,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from at2_lens._io import atomic_write_bytes
+from at2_lens.files import atomic_write_bytes
 from at2_lens.results import SourceAttribution
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from at2_lens._io import atomic_write_text
+from at2_lens.files import atomic_write_text
 
 
 def meta_path(out: str | Path) -> Path:

@@ -48,7 +48,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
 from at2_lens.at2.estimator import weights_sha256  # noqa: E402
-from at2_lens.evaluation._names import METHOD_INDEPENDENT_METRICS  # noqa: E402
+from at2_lens.evaluation import METHOD_INDEPENDENT_METRICS  # noqa: E402
 from at2_lens.evaluation.methods import build_methods  # noqa: E402
 from at2_lens.evaluation.runner import evaluate, markdown_table, resolve_metrics, summarize  # noqa: E402
 from at2_lens.evaluation.squad import HELD_OUT_MODULUS, multi_document_split, squad_split  # noqa: E402

@@ -39,8 +39,8 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
 
-    from at2_lens._io import atomic_write_text
     from at2_lens.attattr.triggers import mine_trigger_patterns, trigger_attack
+    from at2_lens.files import atomic_write_text
     from at2_lens.models.classifier import load_minilm_sst2, load_sst2
 
     train_texts, train_labels = load_sst2("train", data_dir=args.data_dir)

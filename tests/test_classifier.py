@@ -90,7 +90,7 @@ def test_corrupted_or_missing_head_is_refused(tmp_path: Path) -> None:
 
 
 def test_head_with_wrong_tensors_or_metadata_is_refused(tmp_path: Path) -> None:
-    from at2_lens._io import safetensors_bytes
+    from at2_lens.files import safetensors_bytes
 
     path = tmp_path / "h.safetensors"
     meta = {"labels": ["negative", "positive"], "pooling": "mean", "format": 1}

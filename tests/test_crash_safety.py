@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from at2_lens._io import temp_path_for
 from at2_lens.at2.collect import collect
 from at2_lens.at2.store import AblationStore
 from at2_lens.errors import StoreError
+from at2_lens.files import temp_path_for
 from at2_lens.models.tiny import save_tiny
 from at2_lens.tasks import ContextTask
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import at2_lens._io as io_mod
+import at2_lens.files as io_mod
 from at2_lens.at2.estimator import (
     ESTIMATOR_META_KEY,
     LinearEstimator,

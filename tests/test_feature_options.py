@@ -132,7 +132,7 @@ def test_store_settings_record_the_family_and_refuse_a_mix(tmp_path: Any) -> Non
 def test_a_file_with_an_unknown_layout_is_refused(tmp_path: Any) -> None:
     import json
 
-    from at2_lens._io import safetensors_bytes
+    from at2_lens.files import safetensors_bytes
 
     est = LinearEstimator(torch.ones(2, 4) / 8)
     meta = est.metadata()

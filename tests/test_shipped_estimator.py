@@ -22,6 +22,9 @@ def test_shipped_estimator_file_is_valid() -> None:
     assert (est.weights >= 0).all() and abs(float(est.weights.sum()) - 1.0) < 1e-5
     assert est.model_fingerprint["n_layers"] == 30 and est.model_fingerprint["architecture"] == "LlamaForCausalLM"
     assert est.training is not None and est.training["lds_held_out"] > est.training["lds_held_out_init"]
+    assert est.feature_layout == "per_head_mean_target_sum_source"
+    assert est.calibration is not None and est.calibration["scale"] > 0 and est.calibration["offset"] == 0.0
+    assert "logit-probability" in est.units
     assert any(p.name == DEFAULT_ESTIMATOR for p in shipped_estimator_paths())
 
 
@@ -32,6 +35,7 @@ def test_shipped_estimator_is_reproduced_from_the_store(tmp_path: Path) -> None:
     shipped, again = at2_lens.load_estimator(), at2_lens.load_estimator(out)
     torch.testing.assert_close(again.weights, shipped.weights, atol=1e-5, rtol=0)
     assert abs(again.training["lds_held_out"] - shipped.training["lds_held_out"]) < 1e-3
+    assert again.calibration["scale"] == pytest.approx(shipped.calibration["scale"], rel=1e-4)
 
 
 @pytest.mark.real

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-import at2_lens._io as io_mod
-from at2_lens._io import atomic_write_bytes, is_temp_file, temp_path_for
+import at2_lens.files as io_mod
 from at2_lens.at2.store import (
     AblationExample,
     AblationStore,
@@ -26,6 +25,7 @@ from at2_lens.at2.store import (
     write_example,
 )
 from at2_lens.errors import InputError, StoreError
+from at2_lens.files import atomic_write_bytes, is_temp_file, temp_path_for
 
 L, H, M = 2, 3, 8
 REPO = Path(__file__).resolve().parents[1]
@@ -367,7 +367,7 @@ def test_manifest_creation_without_hard_links(tmp_path: Path, monkeypatch: pytes
 
 def test_safetensors_whose_header_length_looks_like_a_pickle_marker_is_read() -> None:
     """Regression: a header of 896 bytes starts the file with 0x80 0x03, a pickle protocol-3 marker."""
-    from at2_lens._io import parse_safetensors, safetensors_bytes
+    from at2_lens.files import parse_safetensors, safetensors_bytes
 
     for pad in range(0, 1200):
         data = safetensors_bytes({"x": torch.zeros(3)}, "k", {"pad": "a" * pad})

@@ -35,12 +35,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from at2_lens._io import SafetensorsParseError, atomic_write_bytes, canonical_json, parse_safetensors, read_bytes
-from at2_lens._io import safetensors_bytes as _safetensors_bytes
 from at2_lens._typing import typechecked
 from at2_lens._validate import check_choice, check_int
 from at2_lens.ablation import ABLATION_MODES, DEFAULT_LAYOUT, OUTPUT_TYPES, FeatureOptions
 from at2_lens.errors import EstimatorFileError, InputError
+from at2_lens.files import SafetensorsParseError, atomic_write_bytes, canonical_json, parse_safetensors, read_bytes
+from at2_lens.files import safetensors_bytes as _safetensors_bytes
 
 FEATURE_LAYOUT = DEFAULT_LAYOUT
 ESTIMATOR_FORMAT = "at2_lens.linear_estimator"

@@ -10,32 +10,22 @@ least-squares surrogate.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from captum.attr import PerturbationAttribution
 from jaxtyping import Bool, Float
 from torch import Tensor
 
 from at2_lens._typing import typechecked
-from at2_lens._validate import check_fraction, check_int, check_positive
-from at2_lens.ablation import (
-    OUTPUT_UNITS,
-    AblationMode,
-    OutputType,
-    TaskAblationFn,
-    ablation_fn,
-    check_mode,
-    check_output_type,
-    random_masks,
-)
+from at2_lens._validate import check_int, check_positive
+from at2_lens.ablation import OUTPUT_UNITS, AblationMode, OutputType, TaskAblationFn
 from at2_lens.at2.attribution import AT2Attribution
 from at2_lens.at2.estimator import LinearEstimator
-from at2_lens.errors import InputError, NumericalError
+from at2_lens.baselines import ContextCite
+from at2_lens.errors import InputError
 from at2_lens.results import SourceAttribution
-from at2_lens.tasks import ContextTask, TargetSpan, TokenizedTask, prepare_task
+from at2_lens.tasks import TokenizedTask
 
 # Chosen on training tasks of the store (a sweep over 0.25-8 with 4, 8 and 16 ablations; model card): the ridge
 # penalty pulling the surrogate's weights towards the rescaled AT2 scores (masks are 0/1, so XᵀX ≈ n_ablations/4·I).
@@ -85,11 +75,13 @@ def fit_shrunk_surrogate(
     return w.float(), intercept, scale
 
 
-class AT2Refined(PerturbationAttribution):
+class AT2Refined(ContextCite):
     r"""AT2 scores refined by ``n_ablations`` random ablations into a surrogate in output units.
 
-    Costs AT2's pass (none when cached) plus ``n_ablations`` ablated forward passes (batched in ``mask`` mode).
-    Scores are in output units (logit-probability by default) per kept source, like ContextCite's.
+    A ContextCite-style surrogate (same masks, same ablation machinery) whose fit is the ridge of
+    :func:`fit_shrunk_surrogate`, centred on AT2's scores instead of a LASSO centred on zero. Costs AT2's pass (none
+    when cached) plus ``n_ablations`` ablated forward passes (batched in ``mask`` mode). Scores are in output units
+    (logit-probability by default) per kept source, like ContextCite's.
 
     Args:
         forward_func: a TransformerLens decoder.
@@ -118,53 +110,17 @@ class AT2Refined(PerturbationAttribution):
         batch_size: int = 8,
         ablate: TaskAblationFn | None = None,
     ) -> None:
-        check_int("n_ablations", n_ablations, minimum=2)
         check_positive("shrinkage", shrinkage)
-        check_fraction("keep_prob", keep_prob)
         check_int("seed", seed, minimum=0)
-        check_int("batch_size", batch_size)
-        self.mode: AblationMode = check_mode(mode)
-        self.output: OutputType = check_output_type(output)
+        super().__init__(forward_func, n_ablations, keep_prob=keep_prob, mode=mode, output=output, seed=seed,
+                         batch_size=batch_size, ablate=ablate)
         self.at2 = AT2Attribution.for_model(forward_func, estimator)
-        super().__init__(forward_func)
-        self.backend = self.at2.backend
-        self.n_ablations = n_ablations
         self.shrinkage = shrinkage
-        self.keep_prob = keep_prob
-        self.seed = seed
-        self.batch_size = batch_size
-        self.ablate = ablate
-
-    def has_convergence_delta(self) -> bool:
-        return False
-
-    def masks_for(self, n_sources: int) -> Bool[Tensor, "mask source"]:
-        """The keep-masks this instance ablates with for a task of ``n_sources`` sources."""
-        return random_masks(n_sources, self.n_ablations, self.keep_prob, seed=self.seed, index=n_sources)
-
-    def attribute(  # type: ignore[override]
-        self,
-        inputs: ContextTask | TokenizedTask,
-        target: TargetSpan | Sequence[int] | None = None,
-        *,
-        max_new_tokens: int = 64,
-    ) -> SourceAttribution:
-        """AT2's scores for ``inputs``, refined by ``n_ablations`` ablations of the same task."""
-        task = prepare_task(self.backend, inputs, max_new_tokens, target)
-        return self._attribute(task)
 
     def _attribute(self, task: TokenizedTask) -> SourceAttribution:
         prior = self.at2.attribute(task)
         masks = self.masks_for(task.n_sources)
-        if self.ablate is not None:
-            out = torch.as_tensor(self.ablate(task, masks)).reshape(-1).float()
-        else:
-            out = ablation_fn(self.backend.model, task, mode=self.mode, output=self.output,
-                              batch_size=self.batch_size)(masks)
-        if out.shape != (masks.shape[0],):
-            raise InputError(f"ablate: returned {tuple(out.shape)} outputs for {masks.shape[0]} masks")
-        if not torch.isfinite(out).all():
-            raise NumericalError("ablation outputs hold NaN or inf; refusing to fit a surrogate to them")
+        out = self._outputs(task, masks)
         prior_scale = None if self.at2.estimator.calibration is None else 1.0
         weights, intercept, scale = fit_shrunk_surrogate(masks, out, prior.scores, self.shrinkage, prior_scale)
         return SourceAttribution.from_task(

@@ -41,7 +41,11 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from at2_lens._io import (
+from at2_lens._validate import check_choice, check_fraction, check_int
+from at2_lens.ablation import ABLATION_MODES, OUTPUT_TYPES, FeatureOptions, random_masks
+from at2_lens.at2.estimator import FEATURE_LAYOUT
+from at2_lens.errors import InputError, StoreError
+from at2_lens.files import (
     SafetensorsParseError,
     atomic_create_bytes,
     atomic_write_bytes,
@@ -51,10 +55,6 @@ from at2_lens._io import (
     read_bytes,
     safetensors_bytes,
 )
-from at2_lens._validate import check_choice, check_fraction, check_int
-from at2_lens.ablation import ABLATION_MODES, OUTPUT_TYPES, FeatureOptions, random_masks
-from at2_lens.at2.estimator import FEATURE_LAYOUT
-from at2_lens.errors import InputError, StoreError
 
 STORE_FORMAT = "at2_lens.ablation_store"
 STORE_FORMAT_VERSION = 1

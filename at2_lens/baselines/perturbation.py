@@ -196,7 +196,9 @@ class ContextCite(_AblationAttribution):
         max_new_tokens: int = 64,
     ) -> SourceAttribution:
         """Fit the surrogate on ``n_ablations`` random ablations of ``inputs``; its weights are the scores."""
-        task = prepare_task(self.backend, inputs, max_new_tokens, target)
+        return self._attribute(prepare_task(self.backend, inputs, max_new_tokens, target))
+
+    def _attribute(self, task: TokenizedTask) -> SourceAttribution:
         masks = self.masks_for(task.n_sources)
         out = self._outputs(task, masks)
         weights, intercept = fit_lasso_surrogate(masks, out, self.alpha)

@@ -118,7 +118,7 @@ def _attribute(args: argparse.Namespace, task: Any) -> int:
         path = write_report(args.html, result, at2.head_weights, title="at2_lens: AT2 attribution", query=task.query)
         print(f"HTML report written to {path.resolve()}")
     if args.json:
-        from at2_lens._io import atomic_write_text
+        from at2_lens.files import atomic_write_text
 
         atomic_write_text(args.json, json.dumps({
             "response": result.response, "target": result.target_text, "method": result.method,

@@ -130,10 +130,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     seeds of their held-out masks), and rank 0 merges the rows in task order: the same table as one process.
     """
     from at2_lens import load_model
-    from at2_lens._io import atomic_write_text
     from at2_lens.distributed import DataParallel
     from at2_lens.evaluation.methods import build_methods
     from at2_lens.evaluation.runner import evaluate, markdown_table, resolve_metrics, summarize
+    from at2_lens.files import atomic_write_text
 
     metrics = resolve_metrics([m.strip() for m in args.metrics.split(",") if m.strip()])
     ks = parse_ints(args.ks, "--ks")

@@ -82,9 +82,9 @@ def cmd_heads(args: argparse.Namespace) -> int:
     """Run the head study configured by ``args``; prints the markdown table."""
     import json
 
-    from at2_lens._io import atomic_write_text
     from at2_lens.attattr.head_importance import IMPORTANCE_METHODS as METHODS
     from at2_lens.attattr.head_importance import compare_pruning, plot_pruning
+    from at2_lens.files import atomic_write_text
     from at2_lens.models.classifier import load_sst2
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]

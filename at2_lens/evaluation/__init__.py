@@ -20,6 +20,7 @@ from typing import Any
 _EXPORTS: dict[str, str] = {
     "DEFAULT_METRICS": "at2_lens.evaluation._names",
     "METRICS": "at2_lens.evaluation._names",
+    "METHOD_INDEPENDENT_METRICS": "at2_lens.evaluation._names",
     "evaluate": "at2_lens.evaluation.runner",
     "summarize": "at2_lens.evaluation.runner",
     "markdown_table": "at2_lens.evaluation.runner",

@@ -30,10 +30,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from at2_lens._io import SafetensorsParseError, atomic_write_bytes, parse_safetensors, read_bytes, safetensors_bytes
 from at2_lens._validate import check_int, check_optional_int
 from at2_lens.backends import Backend, get_backend
 from at2_lens.errors import DatasetNotFoundError, InputError, ModelLoadError
+from at2_lens.files import SafetensorsParseError, atomic_write_bytes, parse_safetensors, read_bytes, safetensors_bytes
 from at2_lens.interventions import FwdHook
 from at2_lens.models.batching import check_labels, check_texts, length_batches, tokenize_texts
 from at2_lens.models.pooling import POOLINGS, mean_pool, pool

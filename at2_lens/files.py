@@ -1,4 +1,4 @@
-"""Atomic, deterministic file writing shared by the ablation store and estimator files.
+"""Atomic, deterministic file writing shared by the ablation store, estimator files, benchmarks and scripts.
 
 Every file at2_lens writes goes through :func:`atomic_write_bytes`: the bytes are written to a temporary file in the
 destination's directory, flushed and fsynced, then moved over the destination with ``os.replace``. A reader therefore
