@@ -40,6 +40,17 @@ def build_task(tokenizer: object, n_tokens: int) -> ContextTask:
     return ContextTask(context=text, query="Why was the vote postponed?", response="Because of travel costs.")
 
 
+def load_bench_model(name: str) -> object:
+    """``"tiny"``: the tiny random Llama (smoke runs); anything else: ``at2_lens.load_model(name)``."""
+    if name == "tiny":
+        from at2_lens.models.tiny import load_tiny
+
+        return load_tiny("llama")
+    from at2_lens.models import load_model
+
+    return load_model(name)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2", help="'smollm2' (default) or 'tiny'")
@@ -47,14 +58,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     torch.set_grad_enabled(False)
-    if args.model == "tiny":
-        from at2_lens.models.tiny import load_tiny
-
-        model = load_tiny("llama")
-    else:
-        from at2_lens.models import load_model
-
-        model = load_model(args.model)
+    model = load_bench_model(args.model)
     backend = get_backend(model)
     task = build_task(backend.tokenizer, min(args.tokens, backend.n_ctx - 100))
     tokenized = task.tokenize(backend.tokenizer, max_length=backend.n_ctx)

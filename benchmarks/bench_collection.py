@@ -25,7 +25,7 @@ from at2_lens.backends import get_backend  # noqa: E402
 from at2_lens.tasks import prepare_task  # noqa: E402
 
 from _timing import interleaved_ratio  # noqa: E402
-from bench_at2 import build_task  # noqa: E402
+from bench_at2 import build_task, load_bench_model  # noqa: E402
 
 
 def main() -> None:
@@ -37,14 +37,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     torch.set_grad_enabled(False)
-    if args.model == "tiny":
-        from at2_lens.models.tiny import load_tiny
-
-        model = load_tiny("llama")
-    else:
-        from at2_lens.models import load_model
-
-        model = load_model(args.model)
+    model = load_bench_model(args.model)
     backend = get_backend(model)
     task = prepare_task(backend, build_task(backend.tokenizer, min(args.tokens, backend.n_ctx - 100)))
     sources, target = list(task.source_token_ranges), task.target_token_range
