@@ -80,11 +80,12 @@ def _documents(text: str) -> list[str]:
 
 def _print_result(result: Any, top: int) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
     console.print(f"[bold]Response:[/bold] {result.response.strip()}")
-    console.print(f"[bold]Method:[/bold] {result.method}\n")
+    console.print(f"[bold]Method:[/bold] {escape(result.method)} (scores: {escape(result.units)})\n")
     console.print(result)
     table = Table(title=f"Top {min(top, result.n_sources)} sources")
     table.add_column("rank", justify="right")
