@@ -27,6 +27,7 @@ warnings.filterwarnings("ignore")
 
 from at2_lens.attattr import AttentionAttribution  # noqa: E402
 from at2_lens.backends import get_backend  # noqa: E402
+from at2_lens.models import BACKEND_CHOICES  # noqa: E402
 
 from _timing import interleaved_ratio  # noqa: E402
 
@@ -80,7 +81,7 @@ class LigBaseline:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny", help="'tiny' (default), 'smollm2', or anything load_model accepts")
-    ap.add_argument("--backend", default="auto", choices=["auto", "hooked", "bridge"])
+    ap.add_argument("--backend", default="auto", choices=list(BACKEND_CHOICES))
     ap.add_argument("--tokens", type=int, default=64, help="input length in tokens (default 64)")
     ap.add_argument("--n-steps", type=int, default=20)
     ap.add_argument("--layers", default=None, help="comma-separated layers (default: all for tiny, first/mid/last)")

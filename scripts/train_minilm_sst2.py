@@ -1,4 +1,4 @@
-"""Train the SST-2 sentiment head shipped as ``at2_lens/heads/minilm_sst2.safetensors``.
+"""Train the SST-2 sentiment head shipped as ``at2_lens/classifier_heads/minilm_sst2.safetensors``.
 
 The frozen all-MiniLM-L6-v2 encoder (a TransformerLens model) embeds a seeded random subset of
 ``../shared/data/sst2/train.tsv`` (mean pooling of the final hidden states over real tokens); a scikit-learn
@@ -14,7 +14,7 @@ Measured here (TL 3.9 HookedEncoder, one CPU thread): embedding the 20,000 phras
 
 Run from the project root::
 
-    PYTHONPATH=. python scripts/train_minilm_sst2.py --out at2_lens/heads/minilm_sst2.safetensors
+    python scripts/train_minilm_sst2.py --out at2_lens/classifier_heads/minilm_sst2.safetensors
 """
 
 from __future__ import annotations

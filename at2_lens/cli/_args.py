@@ -14,6 +14,7 @@ from typing import Any
 
 from at2_lens._validate import check_int
 from at2_lens.errors import InputError
+from at2_lens.models import BACKEND_CHOICES
 
 
 def add_model_args(p: argparse.ArgumentParser, *, default: str, model_help: str, hooked_class: str) -> None:
@@ -23,7 +24,7 @@ def add_model_args(p: argparse.ArgumentParser, *, default: str, model_help: str,
     decoder commands, ``HookedEncoder`` for the encoder ones).
     """
     p.add_argument("--model", default=default, help=f"{model_help} (default: {default})")
-    p.add_argument("--backend", default="auto", choices=["auto", "hooked", "bridge"],
+    p.add_argument("--backend", default="auto", choices=list(BACKEND_CHOICES),
                    help=f"TransformerLens class: 'hooked' = {hooked_class} (TL 3.9 only), 'bridge' = "
                         "TransformerBridge, 'auto' = hooked where available (default: auto)")
 
