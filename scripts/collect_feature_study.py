@@ -46,21 +46,19 @@ def build_all_tasks(squad: Path) -> list[tuple[str, Any]]:
 def feature_families(backend: Any, ids: torch.Tensor, sources: list[tuple[int, int]], target: tuple[int, int]) -> dict:
     """Per-row attention features of every family, and each target token's log-prob and entropy, in one pass."""
     from at2_lens.ablation import membership, query_rows
+    from at2_lens.ablation.features import value_norms
 
     n = ids.shape[-1]
     member = membership(sources, n).to(backend.device)
     rows = query_rows(target, True)
-    H, L = backend.n_heads, backend.n_layers
+    L = backend.n_layers
     w_o = backend.model.W_O.detach()  # [layer, head, d_head, d_model]
     vnorm: dict[int, torch.Tensor] = {}
     out: dict[str, list[torch.Tensor]] = {f: [] for f in ("sum", "max", "vsum")}
 
     def v_hook(layer: int) -> Any:
         def hook(v: torch.Tensor, hook: Any) -> None:
-            v = v[0].float()  # [pos, kv_head, d_head]
-            if v.shape[1] != H:
-                v = v.repeat_interleave(H // v.shape[1], dim=1)
-            vnorm[layer] = torch.einsum("phd,hdm->phm", v, w_o[layer].float()).norm(dim=-1)  # [pos, head]
+            vnorm[layer] = value_norms(v[0], w_o[layer])  # [pos, head]
 
         return hook
 
@@ -89,14 +87,15 @@ def feature_families(backend: Any, ids: torch.Tensor, sources: list[tuple[int, i
 
 
 def row_weights(token_logprobs: torch.Tensor, entropy: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Weights over the target rows (each sums to 1): uniform, by surprisal, by entropy."""
-    t = token_logprobs.shape[0]
-    raw = {
-        "uniform": torch.ones(t),
-        "surprisal": (-token_logprobs).clamp_min(0) + 1e-3,
-        "entropy": entropy.clamp_min(0) + 1e-3,
-    }
-    return {k: v / v.sum() for k, v in raw.items()}
+    """Weights over the target rows (each sums to 1): uniform, by surprisal, by entropy (the library's rule)."""
+    from at2_lens.ablation.features import target_row_weights
+
+    out = {}
+    for name in WEIGHTINGS:
+        w = target_row_weights(name, token_logprobs, entropy)  # type: ignore[arg-type]
+        w = torch.ones(token_logprobs.shape[0]) if w is None else w
+        out[name] = w / w.sum()
+    return out
 
 
 def collect_one(backend: Any, kind: str, task: Any, index: int, n_masks: int, batch_size: int) -> dict:

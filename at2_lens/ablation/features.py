@@ -15,6 +15,8 @@ trained with, and attribution reads the same family.
 
 from __future__ import annotations
 
+import functools
+import itertools
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -76,17 +78,44 @@ class FeatureOptions:
         """The options a layout name stands for; an unknown name is an InputError."""
         if not isinstance(name, str):
             raise InputError(f"feature_layout: expected a layout name, got {name!r}")
-        for weighting in TARGET_WEIGHTINGS:
-            for pooling in SOURCE_POOLINGS:
-                for value in (False, True):
-                    for sink in (False, True):
-                        options = cls(pooling, weighting, value, sink)  # type: ignore[arg-type]
-                        if options.layout_name == name:
-                            return options
-        raise InputError(f"feature_layout: unknown feature layout {name!r} (e.g. {DEFAULT_LAYOUT!r})")
+        options = _options_by_layout().get(name)
+        if options is None:
+            raise InputError(f"feature_layout: unknown feature layout {name!r} (e.g. {DEFAULT_LAYOUT!r})")
+        return options
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@functools.cache
+def _options_by_layout() -> dict[str, FeatureOptions]:
+    """Every combination of options by its layout name (built once; names are checked on every load)."""
+    combos = itertools.product(SOURCE_POOLINGS, TARGET_WEIGHTINGS, (False, True), (False, True))
+    return {o.layout_name: o for o in (FeatureOptions(*c) for c in combos)}  # type: ignore[arg-type]
+
+
+def value_norms(v: Float[Tensor, "key kv_head d_head"], w_o: Float[Tensor, "head d_head model"]) -> Tensor:
+    """``‖v_k W_O^h‖`` per key and head, ``[key, head]``: the norm of what head ``h`` writes from key ``k``
+    (Kobayashi et al. 2020). ``v`` is one sequence's ``hook_v``; grouped-query heads share a value head."""
+    v = v.float()
+    if v.shape[1] != w_o.shape[0]:
+        v = v.repeat_interleave(w_o.shape[0] // v.shape[1], dim=1)
+    written = einsum(v, w_o.float().to(v.device), "key head d, head d model -> key head model")
+    return written.norm(dim=-1)
+
+
+def target_row_weights(
+    weighting: TargetWeighting, token_logprobs: Tensor, entropy: Tensor | None = None
+) -> Tensor | None:
+    """Unnormalised weights of the target rows: None for ``uniform``, else each target token's surprisal
+    (``-log p``) or its next-token entropy, plus 1e-3 so that a span of certain tokens still has weight."""
+    if weighting == "uniform":
+        return None
+    if weighting == "surprisal":
+        return (-token_logprobs).clamp_min(0) + 1e-3
+    if entropy is None:
+        raise InputError("entropy: the entropy weighting needs the next-token entropy of each target row")
+    return entropy.clamp_min(0) + 1e-3
 
 
 @dataclass(frozen=True)
@@ -150,17 +179,13 @@ def extract_features(
     member = membership(source_ranges, n).to(backend.device)
     rows = query_rows(target_range, causal)
     per_layer: list[Tensor | None] = [None] * backend.n_layers
-    value_norms: dict[int, Tensor] = {}
+    norms: dict[int, Tensor] = {}
     w_o = backend.model.W_O.detach() if options.value_weighted else None  # [layer, head, d_head, d_model]
 
     def value_hook(layer: int) -> Any:
         def hook(v: Tensor, hook: Any) -> None:
-            v = v[0].float()  # [key, kv_head, d_head]; grouped-query heads share a value head
-            if v.shape[1] != backend.n_heads:
-                v = v.repeat_interleave(backend.n_heads // v.shape[1], dim=1)
             assert w_o is not None
-            written = einsum(v, w_o[layer].float().to(v.device), "key head d, head d model -> key head model")
-            value_norms[layer] = written.norm(dim=-1)
+            norms[layer] = value_norms(v[0], w_o[layer])
 
         return hook
 
@@ -168,7 +193,7 @@ def extract_features(
         def hook(pattern: Tensor, hook: Any) -> None:
             a = pattern[0, :, rows, :].float()  # [head, row, key]
             if options.value_weighted:
-                a = a * value_norms[layer].T[:, None, :]
+                a = a * norms[layer].T[:, None, :]
             if options.source_pooling == "max":
                 pooled = [a[:, :, s0:s1].amax(dim=-1) for s0, s1 in source_ranges]
                 reduced = torch.stack(pooled, dim=-1).permute(1, 2, 0)  # [row, source, head]
@@ -200,10 +225,8 @@ def extract_features(
         t0, t1 = target_range
         lp = torch.log_softmax(logits[0, rows].float(), dim=-1)
         logprobs = lp.gather(-1, ids[0, t0:t1, None].to(lp.device))[:, 0].cpu()
-        if options.target_weighting == "surprisal":
-            weights = (-logprobs).clamp_min(0) + 1e-3
-        elif options.target_weighting == "entropy":
-            weights = (-(lp.exp() * lp).sum(dim=-1)).clamp_min(0).cpu() + 1e-3
+        entropy = -(lp.exp() * lp).sum(dim=-1).cpu() if options.target_weighting == "entropy" else None
+        weights = target_row_weights(options.target_weighting, logprobs, entropy)
     return FeaturePass(feats, logprobs if with_logprobs else None, target_range, weights)
 
 
@@ -216,4 +239,6 @@ __all__ = [
     "SourcePooling",
     "TargetWeighting",
     "extract_features",
+    "target_row_weights",
+    "value_norms",
 ]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -361,8 +361,4 @@ def calibrate(
         "units": f"predicted fall in the target's {output} when the source is removed (calibrated)",
         "fitted_on": len(examples),
     }
-    return LinearEstimator(
-        estimator.weights.clone(), ablation_mode=estimator.ablation_mode, output_type=estimator.output_type,
-        granularity=estimator.granularity, model_fingerprint=dict(estimator.model_fingerprint),
-        training=estimator.training, feature_layout=estimator.feature_layout, calibration=calibration,
-    )
+    return replace(estimator, weights=estimator.weights.clone(), calibration=calibration)
