@@ -169,3 +169,24 @@ def test_smollm2_families_equal_the_feature_study(smollm2: Any) -> None:
             got = extract_features(smollm2, task.input_ids, sources, target, options=opts).features()
             want = torch.einsum("r,rslh->slh", weights[weighting], study["rows"][family].cpu())
             assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (family, weighting)
+
+
+def test_collect_and_train_carry_the_family_to_the_estimator(tiny_llama: Any, tmp_path: Any) -> None:
+    from at2_lens.at2.collect import collect
+    from at2_lens.at2.training import train_from_store
+
+    options = FeatureOptions("max", "surprisal", True, False)
+    tasks = [_task(), ContextTask(context=["Rome is in Italy.", "Snow is white.", "Cats purr."], query="Where?",
+                                  response="Rome is in Italy.", sources="sentence")]
+    store = collect(tiny_llama, tasks, tmp_path / "store", n_masks=4, progress=False, features=options)
+    assert store.settings.feature_layout == options.layout_name
+    backend = get_backend(tiny_llama)
+    task = prepare_task(backend, tasks[0])
+    want = extract_features(tiny_llama, task.input_ids, list(task.source_token_ranges), task.response_token_range,
+                            options=options).features()
+    assert torch.allclose(store.read(0).features, want, atol=1e-6)
+    est, _ = train_from_store(store, held_out=None, steps=2, progress=False)
+    assert est.feature_options == options
+    with pytest.raises(InputError, match="features: expected FeatureOptions"):
+        collect(tiny_llama, tasks, tmp_path / "other", features="max")  # type: ignore[arg-type]
+    assert not (tmp_path / "other").exists()
