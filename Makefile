@@ -42,21 +42,17 @@ test-tl4: .venv/.ready docs
 	$(MAKE) bench-small
 	$(MAKE) notebooks
 
-# The faithfulness benchmark at reduced size (the README table comes from the full run of the same script).
-SQUAD ?= ../shared/data/squad_v2/dev_subset.json
+# The faithfulness benchmark at reduced size (the README table comes from the full run of the same script), on the
+# SQuAD 2.0 subset shipped in at2_lens/data/.
 bench-small: .venv/.ready
-	@if [ -f $(SQUAD) ]; then .venv/bin/python benchmarks/bench_faithfulness.py --small --limit 2 --data $(SQUAD) && \
-	  .venv/bin/python benchmarks/bench_faithfulness.py --small --suite multidoc --limit 1 --data $(SQUAD); \
-	else echo "bench-small: skipped, $(SQUAD) is absent (../shared/data beside the checkout)"; fi
+	.venv/bin/python benchmarks/bench_faithfulness.py --small --limit 2
+	.venv/bin/python benchmarks/bench_faithfulness.py --small --suite multidoc --limit 1
 
-# The notebooks, executed top to bottom on the real models (a failing cell fails the target); they need
-# ../shared/data. One torch thread: on a shared 2-core machine two threads spin-wait on each other.
+# The notebooks, executed top to bottom on the real models and the shipped data (a failing cell fails the target).
+# One torch thread: on a shared 2-core machine two threads spin-wait on each other.
 # To refresh their saved outputs: add --overwrite.
-SHARED_DATA ?= ../shared/data
 notebooks: .venv/.ready
-	@if [ -d $(SHARED_DATA) ]; then \
-	OMP_NUM_THREADS=1 .venv/bin/python -m pytest --nbmake notebooks/ --nbmake-timeout=900 -p no:cacheprovider; \
-	else echo "notebooks: skipped, $(SHARED_DATA) is absent (the notebooks read SST-2 and SQuAD from it)"; fi
+	OMP_NUM_THREADS=1 .venv/bin/python -m pytest --nbmake notebooks/ --nbmake-timeout=900 -p no:cacheprovider
 
 test-tl3: .venv-tl3/.ready
 	@echo "== TransformerLens 3.9 =="

@@ -37,4 +37,4 @@ class NumericalError(At2LensError, FloatingPointError):
 
 
 class DatasetNotFoundError(At2LensError, FileNotFoundError):
-    """A local data file (e.g. ../shared/data/sst2) is missing; the message says where it was looked for."""
+    """A local data file (e.g. SST-2 train outside a checkout) is missing; the message says where it was looked for."""

@@ -37,12 +37,13 @@ from at2_lens.at2.estimator import weights_sha256  # noqa: E402
 from at2_lens.backends import get_backend  # noqa: E402
 from at2_lens.baselines import AverageAttention  # noqa: E402
 from at2_lens.context_pruning import prune_context, top_k_mask  # noqa: E402
+from at2_lens.data import SQUAD_V2_DEV_SUBSET  # noqa: E402
 from at2_lens.evaluation.squad import squad_split_records  # noqa: E402
 from at2_lens.tasks import ContextTask, prepare_task  # noqa: E402
 
 from _resume import load_partial, save_partial  # noqa: E402
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad_v2" / "dev_subset.json"
+DEFAULT_DATA = SQUAD_V2_DEV_SUBSET
 COLUMNS = ["task", "n_sources", "k", "method", "delta_log_prob", "full_log_prob", "reanswer_has_gold",
            "full_answer_has_gold"]
 
@@ -60,7 +61,7 @@ def has_gold(answer: str, golds: list[str]) -> bool:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(DEFAULT_DATA), help="SQuAD-format JSON (default: ../shared/data)")
+    ap.add_argument("--data", default=str(DEFAULT_DATA), help="SQuAD-format JSON (default: the shipped subset)")
     ap.add_argument("--estimator", default=None, help="AT2 estimator file (default: the one shipped for SmolLM2)")
     ap.add_argument("--ks", default="1,2,3", help="comma-separated numbers of sentences kept (default 1,2,3)")
     ap.add_argument("--reanswer-k", type=int, default=2, help="k at which the model re-answers (default 2; 0: skip)")
@@ -75,7 +76,7 @@ def main() -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if not Path(args.data).is_file():
-        raise SystemExit(f"data file {args.data} is absent (expected ../shared/data beside the checkout)")
+        raise SystemExit(f"data file {args.data} is absent")
     ks = [int(k) for k in args.ks.split(",")]
     from at2_lens.at2.pretrained import default_estimator_for
     from at2_lens.models import load_model

@@ -9,7 +9,7 @@ ablations (LDS, top-k drop, Kendall tau vs leave-one-out and gradient x input, a
     python benchmarks/bench_faithfulness.py --out runs/faith.csv --merge runs/b.csv   # ... folded in afterwards
     python benchmarks/bench_faithfulness.py --out runs/faith.csv --rescore at2        # after retraining the estimator
 
-Tasks (--suite): ``squad`` (default), from ../shared/data/squad_v2/dev_subset.json (or --data), one per paragraph:
+Tasks (--suite): ``squad`` (default), from at2_lens/data/squad_v2/dev_subset.json (or --data), one per paragraph:
 the paragraph is the context (split into sentences = sources), its first answerable question the query, SmolLM2's
 own greedy answer the target. ``multidoc``: tasks the project generates from the same questions, the paragraph among
 two distractor snippets of other held-out articles (``multi_document_split``), evaluated with the methods and
@@ -48,6 +48,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
 from at2_lens.at2.estimator import weights_sha256  # noqa: E402
+from at2_lens.data import SQUAD_V2_DEV_SUBSET  # noqa: E402
 from at2_lens.evaluation import METHOD_INDEPENDENT_METRICS  # noqa: E402
 from at2_lens.evaluation.methods import build_methods  # noqa: E402
 from at2_lens.evaluation.runner import evaluate, markdown_table, resolve_metrics, summarize  # noqa: E402
@@ -55,7 +56,7 @@ from at2_lens.evaluation.squad import HELD_OUT_MODULUS, multi_document_split, sq
 
 from _resume import load_partial, replace_method_rows, save_partial  # noqa: E402
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad_v2" / "dev_subset.json"
+DEFAULT_DATA = SQUAD_V2_DEV_SUBSET
 SMALL = {
     "limit": 3, "n_eval_masks": 16, "ks": (1, 3), "max_new_tokens": 12, "n_permutations": 8,
     "adversarial": {"steps": 6, "layers": [-1]},
@@ -83,7 +84,7 @@ def main() -> None:
     ap.add_argument("--suite", default="squad", choices=["squad", "multidoc"],
                     help="held-out tasks: SQuAD paragraphs (default) or generated multi-document tasks")
     ap.add_argument("--model", default="smollm2", help="'smollm2' (default), 'tiny' (smoke run) or a model path")
-    ap.add_argument("--data", default=str(DEFAULT_DATA), help="SQuAD-format JSON file (default: ../shared/data)")
+    ap.add_argument("--data", default=str(DEFAULT_DATA), help="SQuAD-format JSON file (default: the shipped subset)")
     ap.add_argument("--estimator", default=None,
                     help="AT2 estimator file for method 'at2' (default: the one shipped for the model, if any)")
     ap.add_argument("--limit", type=int, default=None, help="use only the first N held-out tasks")
@@ -129,7 +130,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     cfg = dict(SMALL if args.small else MULTIDOC if args.suite == "multidoc" else FULL)
     if not Path(args.data).is_file():
-        raise SystemExit(f"data file {args.data} is absent (expected ../shared/data beside the checkout)")
+        raise SystemExit(f"data file {args.data} is absent")
     names = args.methods.split(",") if args.methods else list(cfg["methods"])
     if args.estimator:
         names = ["at2", *[n for n in names if n != "at2"]]

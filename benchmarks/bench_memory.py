@@ -28,23 +28,17 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
-SQUAD = ROOT.parent / "shared" / "data" / "squad_v2" / "dev_subset.json"
-FILLER = (
-    "The committee met on Tuesday to review the annual budget. Several members raised questions about travel costs. "
-    "The treasurer explained that most of the increase came from a single conference. A vote was postponed. "
-)
 RESPONSE = "The answer is in the second paragraph."
 MODES = ("forward", "at2")
 
 
 def _paragraphs() -> tuple[list[str], str]:
-    """Distinct SQuAD paragraphs in file order and the first question, or repeated filler text without the data."""
-    if SQUAD.is_file():
-        from at2_lens.tasks.loaders import squad_records
+    """Distinct paragraphs of the shipped SQuAD 2.0 subset in file order, and its first question."""
+    from at2_lens.data import SQUAD_V2_DEV_SUBSET
+    from at2_lens.tasks.loaders import squad_records
 
-        records = squad_records(SQUAD)
-        return list(dict.fromkeys(r["context"] for r in records)), records[0]["question"]
-    return [FILLER] * 1000, "Why was the vote postponed?"
+    records = squad_records(SQUAD_V2_DEV_SUBSET)
+    return list(dict.fromkeys(r["context"] for r in records)), records[0]["question"]
 
 
 def build_task(tokenizer: Any, n_tokens: int) -> Any:

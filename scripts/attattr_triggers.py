@@ -22,7 +22,7 @@ import torch
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default=None, help="directory holding sst2/ (default: ../shared/data)")
+    parser.add_argument("--data-dir", default=None, help="directory holding sst2/ (default: the shipped data)")
     parser.add_argument("--n-train", type=int, default=64, help="training phrases mined (seeded sample; default 64)")
     parser.add_argument("--min-words", type=int, default=6, help="only mine phrases of at least this many words")
     parser.add_argument("--n-eval", type=int, default=0, help="first N validation sentences attacked; 0 = all")

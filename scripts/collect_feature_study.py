@@ -27,10 +27,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from at2_lens.data import SQUAD_V2_DEV_SUBSET
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
-SQUAD = ROOT.parent / "shared" / "data" / "squad_v2" / "dev_subset.json"
+SQUAD = SQUAD_V2_DEV_SUBSET
 FAMILIES = ("sum", "max", "vsum", "sum_renorm")
 WEIGHTINGS = ("uniform", "surprisal", "entropy")
 

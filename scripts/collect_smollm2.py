@@ -22,11 +22,13 @@ import os
 import warnings
 from pathlib import Path
 
+from at2_lens.data import SQUAD_V2_DEV_SUBSET
+
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
-SQUAD = ROOT.parent / "shared" / "data" / "squad_v2" / "dev_subset.json"
+SQUAD = SQUAD_V2_DEV_SUBSET
 STORE = ROOT / "data" / "at2_smollm2" / "store"
 N_MULTI = 150
 TASKS_V1 = "squad_v2 dev_subset train split + multi-document v1 (N_MULTI=150)"
@@ -99,7 +101,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--limit", type=int, default=None, help="collect only the first N tasks of the fixed order")
     ap.add_argument("--store", default=str(STORE), help=f"store directory (default: {STORE.relative_to(ROOT)})")
-    ap.add_argument("--squad", default=str(SQUAD), help="SQuAD 2.0 JSON file (default: ../shared/data/...)")
+    ap.add_argument("--squad", default=str(SQUAD), help="SQuAD 2.0 JSON file (default: the shipped subset)")
     ap.add_argument("--n-masks", type=int, default=32, help="random ablations per task (default 32)")
     ap.add_argument("--shard-index", type=int, default=0)
     ap.add_argument("--shard-count", type=int, default=1)

@@ -1,7 +1,7 @@
 """Train the SST-2 sentiment head shipped as ``at2_lens/classifier_heads/minilm_sst2.safetensors``.
 
 The frozen all-MiniLM-L6-v2 encoder (a TransformerLens model) embeds a seeded random subset of
-``../shared/data/sst2/train.tsv`` (mean pooling of the final hidden states over real tokens); a scikit-learn
+``data/sst2/train.tsv`` (mean pooling of the final hidden states over real tokens); a scikit-learn
 ``LogisticRegression`` is fitted on standardised embeddings, with ``C`` (and, with ``--pooling auto``, the
 pooling) chosen on a held-out part of that subset, then refitted on the whole subset. The standardisation is folded
 into the linear head, so the shipped head is just ``weight [2, 384]`` and ``bias [2]``. The validation accuracy on
@@ -89,13 +89,13 @@ def accuracy_of(weight: np.ndarray, bias: np.ndarray, x: np.ndarray, y: np.ndarr
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from at2_lens.models.classifier import MINILM_SST2_HEAD, default_data_dir
+    from at2_lens.models.classifier import MINILM_SST2_HEAD
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, default=MINILM_SST2_HEAD, help="where to write the head (safetensors)")
     p.add_argument("--backend", choices=("auto", "hooked", "bridge"), default="auto", help="TransformerLens class")
     p.add_argument("--data-dir", type=Path, default=None,
-                   help=f"directory holding sst2/ (default {default_data_dir()})")
+                   help="directory holding sst2/ (default: the shipped data, at2_lens.data)")
     p.add_argument("--n-train", type=int, default=20000, help="training phrases drawn from sst2/train.tsv")
     p.add_argument("--holdout", type=float, default=0.2, help="fraction of them held out to choose C and pooling")
     p.add_argument("--seed", type=int, default=0, help="seed of the subset and the held-out split")
@@ -150,7 +150,6 @@ def main(argv: list[str] | None = None) -> int:
         SST2_LABELS,
         ClassifierHead,
         SentimentClassifier,
-        default_data_dir,
         embed_texts,
         final_hidden_hook,
         load_sst2,
@@ -158,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         write_head,
     )
 
-    data_dir = args.data_dir or default_data_dir()
+    data_dir = args.data_dir
     t_start = time.perf_counter()
     train_texts, train_labels = load_sst2("train", data_dir=data_dir)
     val_texts, val_labels = load_sst2("validation", data_dir=data_dir)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -15,18 +14,8 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 from at2_lens.backends import _tl  # noqa: E402
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
 HOOKED_AVAILABLE = _tl.has_hooked_classes()
 BACKENDS = ["hooked", "bridge"] if HOOKED_AVAILABLE else ["bridge"]
-
-
-def shared_data(*parts: str) -> Path:
-    """Path under ../shared/data; skips the test with a clear message when it is absent."""
-    path = SHARED_DATA.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"real data {path} is absent (expected ../shared/data beside the project checkout)")
-    return path
 
 
 def sdpa_bert_bridge() -> object:

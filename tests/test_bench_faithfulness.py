@@ -12,8 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from at2_lens.data import SQUAD_V2_DEV_SUBSET
 from at2_lens.evaluation.squad import is_held_out
-from tests.conftest import shared_data
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_faithfulness.py"
@@ -130,7 +130,7 @@ def _markdown_table(text: str) -> list[str]:
 ])
 def test_readme_tables_are_the_benchmark_output(suite: str, csv: str, marker: str) -> None:
     """The README's faithfulness tables are what ``--table-only`` prints for the committed results, not hand-written."""
-    data = shared_data("squad_v2", "dev_subset.json")
+    data = SQUAD_V2_DEV_SUBSET
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     block = readme.split(f"<!-- {marker} -->", 1)[1].split(f"<!-- /{marker} -->", 1)[0]
     proc = subprocess.run([sys.executable, str(SCRIPT), "--suite", suite, "--data", str(data), "--table-only",
@@ -254,7 +254,7 @@ def test_rescore_on_smollm2_equals_a_fresh_run(tmp_path: Path) -> None:
 
     import at2_lens
 
-    data = shared_data("squad_v2", "dev_subset.json")
+    data = SQUAD_V2_DEV_SUBSET
     shipped = at2_lens.load_estimator()
     other = tmp_path / "other.safetensors"
     dataclasses.replace(shipped, weights=shipped.weights.flip(0)).save(other)  # layers reversed: other rankings

@@ -22,7 +22,7 @@ from at2_lens.models.classifier import (
     read_head,
     write_head,
 )
-from tests.conftest import BACKENDS, SHARED_DATA, shared_data
+from tests.conftest import BACKENDS
 
 TEXTS = [
     "a gripping , beautifully acted film .",
@@ -130,8 +130,7 @@ def test_load_sst2_reads_and_fails_clearly(tmp_path: Path) -> None:
 
 
 def test_load_sst2_real_files() -> None:
-    shared_data("sst2", "validation.tsv")
-    texts, labels = load_sst2("validation", data_dir=SHARED_DATA)
+    texts, labels = load_sst2("validation")
     assert len(texts) == 872 and sum(labels) == 444
 
 
@@ -154,8 +153,7 @@ def classifiers(minilm: object) -> dict[str, SentimentClassifier]:
 
 @pytest.fixture(scope="module")
 def validation_probs(classifiers: dict[str, SentimentClassifier]) -> dict[str, torch.Tensor]:
-    shared_data("sst2", "validation.tsv")
-    texts, _ = load_sst2("validation", data_dir=SHARED_DATA)
+    texts, _ = load_sst2("validation")
     return {name: clf.predict_proba(texts) for name, clf in classifiers.items()}
 
 
@@ -164,7 +162,7 @@ def validation_probs(classifiers: dict[str, SentimentClassifier]) -> dict[str, t
 def test_recorded_validation_accuracy_is_reproduced_on_every_backend(
     classifiers: dict[str, SentimentClassifier], validation_probs: dict[str, torch.Tensor]
 ) -> None:
-    _, labels = load_sst2("validation", data_dir=SHARED_DATA)
+    _, labels = load_sst2("validation")
     y = torch.tensor(labels)
     for name, probs in validation_probs.items():
         recorded = classifiers[name].head.meta["validation_accuracy"]

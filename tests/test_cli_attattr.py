@@ -12,7 +12,6 @@ import torch
 from at2_lens.cli import main
 from at2_lens.models.classifier import ClassifierHead, write_head
 from at2_lens.models.tiny import save_tiny
-from tests.conftest import SHARED_DATA, shared_data
 
 TRAIN = [("a good film", 1), ("bad", 0), ("dull and far too long", 0), ("great acting", 1), ("weak script", 0),
          ("a joy", 1)]
@@ -86,13 +85,12 @@ def test_bad_input_is_a_clear_error(tiny_classifier_files: tuple[Path, Path, Pat
 def test_heads_on_minilm_sst2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from at2_lens.models.classifier import load_minilm_sst2, load_sst2
 
-    shared_data("sst2", "validation.tsv")
     csv = tmp_path / "sweep.csv"
-    assert main(["heads", "--data-dir", str(SHARED_DATA), "--n-importance", "8", "--n-eval", "48",
+    assert main(["heads", "--n-importance", "8", "--n-eval", "48",
                  "--n-fractions", "2", "--n-steps", "4", "--csv", str(csv), "--plot", ""]) == 0
     df = pd.read_csv(csv)
     assert len(df) == 3 * 4 and df["n_pruned"].tolist()[:3] == [0, 36, 72]
-    texts, labels = load_sst2("validation", limit=48, data_dir=SHARED_DATA)
+    texts, labels = load_sst2("validation", limit=48)
     own = load_minilm_sst2().accuracy(texts, labels)
     assert (df[df.fraction == 0.0]["accuracy"] == own).all()  # nothing pruned = the classifier itself
     full = df[df.fraction == 1.0]["accuracy"]

@@ -20,6 +20,7 @@ from at2_lens.at2.attribution import AT2Attribution
 from at2_lens.backends import get_backend
 from at2_lens.baselines import AverageAttention, ContextCite, GradientXInput, LeaveOneOut
 from at2_lens.cli.evaluate import add_evaluate_parser, cmd_evaluate
+from at2_lens.data import SQUAD_V2_DEV_SUBSET
 from at2_lens.errors import InputError
 from at2_lens.evaluation.methods import build_methods
 from at2_lens.evaluation.metrics import (
@@ -39,7 +40,6 @@ from at2_lens.evaluation.runner import evaluate, markdown_table, resolve_metrics
 from at2_lens.evaluation.squad import is_held_out, squad_split
 from at2_lens.ranking import top_k
 from at2_lens.tasks import ContextTask, TokenizedTask
-from tests.conftest import shared_data
 
 CONTEXT = [
     "The cat sat on the mat. Dogs bark loudly at night.",
@@ -276,7 +276,7 @@ def test_evaluate_command_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 def test_squad_split_is_deterministic_and_disjoint() -> None:
-    path = shared_data("squad_v2", "dev_subset.json")
+    path = SQUAD_V2_DEV_SUBSET
     train, held = squad_split(path)
     train2, held2 = squad_split(path)
     assert [t.query for t in held] == [t.query for t in held2] and len(train) == len(train2)
@@ -292,7 +292,7 @@ def test_squad_split_is_deterministic_and_disjoint() -> None:
 @pytest.mark.real
 def test_evaluate_on_smollm2_squad(smollm2: object) -> None:
     """One held-out SQuAD paragraph, SmolLM2's own answer as target: only facts that must hold are asserted."""
-    _, held = squad_split(shared_data("squad_v2", "dev_subset.json"))
+    _, held = squad_split(SQUAD_V2_DEV_SUBSET)
     methods = build_methods(smollm2, ["avg_attention", "loo", "contextcite8", "gradxinput"])
     df = evaluate(methods, held[:1], ["lds", "topk_drop_mask", "kendall_loo"], n_eval_masks=8, ks=(1, 3),
                   max_new_tokens=12)

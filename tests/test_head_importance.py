@@ -26,7 +26,7 @@ from at2_lens.attattr.head_importance import (
 from at2_lens.backends import get_backend
 from at2_lens.errors import InputError
 from at2_lens.models.pooling import mean_pool
-from tests.conftest import BACKENDS, SHARED_DATA, shared_data
+from tests.conftest import BACKENDS
 
 TEXTS = ["a good film", "bad", "the plot was dull and far too long", "fine acting , weak script", "great"]
 LABELS = [1, 0, 0, 1, 1]
@@ -211,8 +211,7 @@ def test_compare_pruning_and_plot(tiny_classifiers: dict[str, TinyClassifier], t
 def test_minilm_sst2_pruning_small(minilm: object) -> None:
     from at2_lens.models.classifier import load_minilm_sst2, load_sst2
 
-    shared_data("sst2", "validation.tsv")
-    texts, labels = load_sst2("validation", limit=80, data_dir=SHARED_DATA)
+    texts, labels = load_sst2("validation", limit=80)
     clf = load_minilm_sst2(model=minilm)
     imp_texts, imp_labels = texts[:16], labels[:16]
     eval_texts, eval_labels = texts[16:80], labels[16:80]

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from at2_lens.data import SQUAD_V2_DEV_SUBSET
 from at2_lens.errors import InputError
 from at2_lens.tasks.loaders import load_jsonl_tasks, multi_document_tasks, squad_records, squad_tasks
-from tests.conftest import shared_data
 
 
 def test_squad_records_and_tasks() -> None:
-    path = shared_data("squad_v2", "dev_subset.json")
+    path = SQUAD_V2_DEV_SUBSET
     records = squad_records(path)
     assert len(records) == 1407 - 702  # answerable questions only
     assert all(r["answers"] for r in records)
@@ -23,7 +23,7 @@ def test_squad_records_and_tasks() -> None:
 
 
 def test_multi_document_tasks_mix_relevant_and_distractors() -> None:
-    records = squad_records(shared_data("squad_v2", "dev_subset.json"))
+    records = squad_records(SQUAD_V2_DEV_SUBSET)
     tasks = multi_document_tasks(records, 20, seed=3)
     assert len(tasks) == 20
     by_question = {r["question"]: r for r in records}
@@ -56,7 +56,7 @@ def test_jsonl_tasks(tmp_path: Path) -> None:
 def test_multi_document_split_keeps_the_split_and_covers_each_paragraph_once() -> None:
     from at2_lens.evaluation.squad import multi_document_split, squad_split_records
 
-    path = shared_data("squad_v2", "dev_subset.json")
+    path = SQUAD_V2_DEV_SUBSET
     train_r, held_r = squad_split_records(path)
     train, held = multi_document_split(path)
     assert [t.query for t in held] == [r["question"] for r in held_r]  # each held-out question once, in order

@@ -13,10 +13,10 @@ from at2_lens.at2.collect import collect
 from at2_lens.at2.estimator import load_estimator_file, model_fingerprint
 from at2_lens.at2.training import train_estimator
 from at2_lens.backends import get_backend
+from at2_lens.data import SQUAD_V2_DEV_SUBSET
 from at2_lens.errors import EstimatorFileError
 from at2_lens.tasks import ContextTask
 from at2_lens.tasks.loaders import DEMO_CONTEXT, squad_tasks
-from tests.conftest import shared_data
 
 pytestmark = pytest.mark.real
 
@@ -38,7 +38,7 @@ def test_leave_one_out_finds_the_answer_sentence(smollm2: object) -> None:
 
 
 def test_collect_train_attribute_on_real_tasks(smollm2: object, tmp_path: Path) -> None:
-    path = shared_data("squad_v2", "dev_subset.json")
+    path = SQUAD_V2_DEV_SUBSET
     tasks = squad_tasks(path, limit=4, seed=0)
     store = collect(smollm2, tasks, tmp_path / "store", n_masks=8, batch_size=8, max_new_tokens=12, progress=False)
     examples = store.load()

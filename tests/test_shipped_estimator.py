@@ -11,7 +11,7 @@ import torch
 
 import at2_lens
 from at2_lens.at2.pretrained import DEFAULT_ESTIMATOR, shipped_estimator_paths
-from tests.conftest import shared_data
+from at2_lens.data import SQUAD_V2_DEV_SUBSET
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,7 +73,7 @@ def test_recorded_squad_metrics_are_reproduced_by_evaluate(smollm2: object) -> N
 
     recorded = pd.read_csv(ROOT / "benchmarks" / "results" / "faithfulness_full.csv")
     recorded = recorded[(recorded.method == "at2") & (recorded.task == 0)].set_index(["metric", "k"], drop=False)
-    _, held = squad_split(shared_data("squad_v2", "dev_subset.json"))
+    _, held = squad_split(SQUAD_V2_DEV_SUBSET)
     methods = {"at2": at2_lens.AT2Attribution(smollm2, estimator=at2_lens.load_estimator())}
     df = evaluate(methods, held[:1], ["lds", "topk_drop_mask"], n_eval_masks=32, ks=(1, 3), max_new_tokens=32,
                   seed=0, task_ids=[0])

@@ -14,7 +14,7 @@ from at2_lens.attattr.triggers import (
     trigger_attack,
 )
 from at2_lens.errors import InputError
-from tests.conftest import BACKENDS, SHARED_DATA, shared_data
+from tests.conftest import BACKENDS
 from tests.test_head_importance import LABELS, TEXTS, TinyClassifier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -123,9 +123,8 @@ def test_bad_arguments_fail_clearly(tiny_clf: TinyClassifier) -> None:
 def test_minilm_sst2_triggers(minilm: object) -> None:
     from at2_lens.models.classifier import load_minilm_sst2, load_sst2
 
-    shared_data("sst2", "train.tsv")
     clf = load_minilm_sst2(model=minilm)
-    train_texts, train_labels = load_sst2("train", limit=400, data_dir=SHARED_DATA)
+    train_texts, train_labels = load_sst2("train", limit=400)
     # A dozen full-length phrases (the file starts with fragments), both classes.
     pick = [i for i, t in enumerate(train_texts) if len(t.split()) >= 6][:12]
     patterns = mine_trigger_patterns(clf, [train_texts[i] for i in pick], [train_labels[i] for i in pick],
@@ -133,7 +132,7 @@ def test_minilm_sst2_triggers(minilm: object) -> None:
     assert patterns and {p.source_class for p in patterns} <= {0, 1}
     special = set(clf.tokenizer.all_special_ids)
     assert all(p.key_id not in special and p.query_id not in special for p in patterns)
-    eval_texts, eval_labels = load_sst2("validation", limit=24, data_dir=SHARED_DATA)
+    eval_texts, eval_labels = load_sst2("validation", limit=24)
     df = trigger_attack(clf, patterns, eval_texts, eval_labels)
     print(df.to_string())
     assert (df["accuracy_before"] == clf.accuracy(eval_texts, eval_labels)).all()

@@ -33,8 +33,8 @@ def add_heads_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     add_classifier_args(heads)
     heads.add_argument("--data-dir", default=None,
-                       help="directory holding sst2/train.tsv and sst2/validation.tsv (default: $AT2_LENS_DATA or "
-                            "../shared/data)")
+                       help="directory holding sst2/train.tsv and sst2/validation.tsv (default: the shipped data; "
+                            "$AT2_LENS_DATA first when set)")
     heads.add_argument("--n-importance", type=int, default=128,
                        help="SST-2 training phrases (seeded random sample) scored for head importance (default: 128)")
     heads.add_argument("--n-eval", type=int, default=0,

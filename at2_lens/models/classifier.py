@@ -32,6 +32,7 @@ from torch import Tensor
 
 from at2_lens._validate import check_int, check_optional_int
 from at2_lens.backends import Backend, get_backend
+from at2_lens.data import data_file
 from at2_lens.errors import DatasetNotFoundError, InputError, ModelLoadError
 from at2_lens.files import SafetensorsParseError, atomic_write_bytes, parse_safetensors, read_bytes, safetensors_bytes
 from at2_lens.interventions import FwdHook
@@ -48,29 +49,20 @@ MINILM_SST2_HEAD = CLASSIFIER_HEADS_DIR / "minilm_sst2.safetensors"
 """The shipped SST-2 sentiment head for all-MiniLM-L6-v2."""
 SST2_LABELS: tuple[str, ...] = ("negative", "positive")
 
-DATA_ENV = "AT2_LENS_DATA"
-"""Environment variable naming the shared data directory (the one holding ``sst2/``)."""
 SST2_SPLITS = {"train": "train.tsv", "validation": "validation.tsv"}
 
 
 # ------------------------------------------------------------------------------------------------------- data
-def default_data_dir() -> Path:
-    """``$AT2_LENS_DATA`` if set, else ``../shared/data`` beside the project checkout."""
-    env = os.environ.get(DATA_ENV)
-    if env:
-        return Path(env).expanduser()
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
-
-
 def load_sst2(
     split: str = "validation", limit: int | None = None, data_dir: str | os.PathLike[str] | None = None
 ) -> tuple[list[str], list[int]]:
-    """Read SST-2 from ``<data_dir>/sst2/<split>.tsv`` (header ``sentence<TAB>label``, 0 negative, 1 positive).
+    """Read SST-2 from ``sst2/<split>.tsv`` (header ``sentence<TAB>label``, 0 negative, 1 positive).
 
     Args:
-        split: ``"train"`` (60,614 phrases) or ``"validation"`` (the 872 GLUE dev sentences).
+        split: ``"train"`` (60,614 phrases; in a repository checkout) or ``"validation"`` (the 872 GLUE dev
+            sentences; shipped in the package).
         limit: keep only the first ``limit`` rows (None: all).
-        data_dir: the directory holding ``sst2/`` (default: :func:`default_data_dir`).
+        data_dir: a directory holding ``sst2/`` (default: the shipped data, :func:`at2_lens.data.data_file`).
 
     Returns:
         ``(texts, labels)``, texts stripped of surrounding whitespace.
@@ -81,12 +73,12 @@ def load_sst2(
     if split not in SST2_SPLITS:
         raise InputError(f"split: expected one of {sorted(SST2_SPLITS)}, got {split!r}")
     limit = check_optional_int("limit", limit)
-    root = Path(data_dir) if data_dir is not None else default_data_dir()
-    path = root / "sst2" / SST2_SPLITS[split]
-    if not path.is_file():
-        raise DatasetNotFoundError(
-            f"SST-2 {split} file {path} is absent; pass data_dir= (the directory holding sst2/) or set {DATA_ENV}"
-        )
+    if data_dir is None:
+        path = data_file("sst2", SST2_SPLITS[split])
+    else:
+        path = Path(data_dir) / "sst2" / SST2_SPLITS[split]
+        if not path.is_file():
+            raise DatasetNotFoundError(f"data_dir: SST-2 {split} file {path} is absent (expected <data_dir>/sst2/)")
     texts: list[str] = []
     labels: list[int] = []
     with open(path, encoding="utf-8") as fh:
@@ -457,7 +449,6 @@ __all__ = [
     "DatasetNotFoundError",
     "SentimentClassifier",
     "classifier_backend",
-    "default_data_dir",
     "embed_texts",
     "encoder_hidden_hook",
     "final_hidden",
