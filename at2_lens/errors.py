@@ -38,3 +38,8 @@ class NumericalError(At2LensError, FloatingPointError):
 
 class DatasetNotFoundError(At2LensError, FileNotFoundError):
     """A local data file (e.g. SST-2 train outside a checkout) is missing; the message says where it was looked for."""
+
+
+class HubDatasetError(DatasetNotFoundError):
+    """A Hugging Face ``datasets`` name could not be loaded (``datasets`` not installed, offline, no network, or a hub
+    error); the message names the local alternative and, when ``datasets`` is missing, the pip extra."""

@@ -26,8 +26,9 @@ SQUAD_V2_DEV_SUBSET = PACKAGE_DATA / "squad_v2" / "dev_subset.json"
 SQUAD_V2_DEV_SUBSET_SHA256 = "db71d0a19c3f656b1ebefafce642b828cfab269f0d906312dfb0efdc7173b31a"
 """The file's digest: the held-out split of every committed result was drawn from exactly these bytes."""
 
-HUB_NAMES = {"squad_v2": "rajpurkar/squad_v2", "sst2": "stanfordnlp/sst2"}
-"""The Hugging Face ``datasets`` names of the originals, for users with a hub."""
+HUB_NAMES = {"squad_v2": "rajpurkar/squad_v2", "sst2": "stanfordnlp/sst2", "hotpot_qa": "hotpotqa/hotpot_qa"}
+"""The Hugging Face ``datasets`` names of the originals (and of HotpotQA, not shipped), read by
+:mod:`at2_lens.tasks.hub`."""
 
 
 def search_dirs() -> list[Path]:

@@ -54,25 +54,40 @@ SST2_SPLITS = {"train": "train.tsv", "validation": "validation.tsv"}
 
 # ------------------------------------------------------------------------------------------------------- data
 def load_sst2(
-    split: str = "validation", limit: int | None = None, data_dir: str | os.PathLike[str] | None = None
+    split: str = "validation",
+    limit: int | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> tuple[list[str], list[int]]:
-    """Read SST-2 from ``sst2/<split>.tsv`` (header ``sentence<TAB>label``, 0 negative, 1 positive).
+    """Read SST-2 from ``sst2/<split>.tsv`` (header ``sentence<TAB>label``, 0 negative, 1 positive), or from the hub.
 
     Args:
         split: ``"train"`` (60,614 phrases; in a repository checkout) or ``"validation"`` (the 872 GLUE dev
             sentences; shipped in the package).
         limit: keep only the first ``limit`` rows (None: all).
-        data_dir: a directory holding ``sst2/`` (default: the shipped data, :func:`at2_lens.data.data_file`).
+        data_dir: a directory holding ``sst2/`` (default: the shipped data, :func:`at2_lens.data.data_file`), or the
+            str ``"stanfordnlp/sst2"`` to read that split from the Hugging Face hub (needs ``datasets``; the hub's
+            ``train`` is all 67,349 GLUE phrases, its ``validation`` the same 872 sentences as the shipped file).
+        cache_dir: the ``datasets`` cache for a hub read (default: its own).
 
     Returns:
         ``(texts, labels)``, texts stripped of surrounding whitespace.
 
     Raises:
-        InputError: bad ``split``/``limit``, or a malformed file. DatasetNotFoundError: the file is absent.
+        InputError: bad ``split``/``limit``, or a malformed file. DatasetNotFoundError: the file is absent;
+        HubDatasetError (a DatasetNotFoundError) when the hub read is not possible.
     """
+    from at2_lens.tasks.hub import load_hub_rows, parse_hub_name, sst2_rows_to_examples
+
     if split not in SST2_SPLITS:
         raise InputError(f"split: expected one of {sorted(SST2_SPLITS)}, got {split!r}")
     limit = check_optional_int("limit", limit)
+    hub = parse_hub_name(data_dir, "sst2", "data_dir")
+    if hub is not None:
+        if ":" in str(data_dir):
+            raise InputError(f"data_dir: give the split as split={split!r}, not in the hub name {data_dir!r}")
+        return sst2_rows_to_examples(load_hub_rows(hub[0], split, cache_dir=cache_dir), limit)
     if data_dir is None:
         path = data_file("sst2", SST2_SPLITS[split])
     else:

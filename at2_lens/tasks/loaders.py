@@ -1,7 +1,8 @@
-"""Task loaders: JSON Lines files of tasks, SQuAD-format files, and the built-in demo task.
+"""Task loaders: JSON Lines files of tasks, SQuAD (a local file or the hub), and the built-in demo task.
 
-Real loading paths are kept: a SQuAD file is read from a local path (the ``squad_v2`` JSON format); with a
-dataset hub, ``datasets.load_dataset("rajpurkar/squad_v2")`` gives the same fields.
+A SQuAD source is a local file in the official ``squad_v2`` JSON format (by default the shipped subset,
+:data:`at2_lens.data.SQUAD_V2_DEV_SUBSET`) or the hub name ``"rajpurkar/squad_v2"`` (read by
+:mod:`at2_lens.tasks.hub`), which give the same record fields. HotpotQA is in :mod:`at2_lens.tasks.hotpot`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import random
 from pathlib import Path
 from typing import Any
 
-from at2_lens._validate import check_int
+from at2_lens._validate import check_int, check_optional_int
+from at2_lens.data import SQUAD_V2_DEV_SUBSET
 from at2_lens.errors import InputError
 from at2_lens.tasks import ContextTask
 
@@ -60,8 +62,21 @@ def load_jsonl_tasks(path: str | Path, sources: str = "sentence") -> list[Contex
     return tasks
 
 
-def squad_records(path: str | Path, answerable_only: bool = True) -> list[dict[str, Any]]:
-    """Flat ``{id, context, question, answers}`` records from a SQuAD (1.1 or 2.0) JSON file, in file order."""
+def squad_records(
+    path: str | Path = SQUAD_V2_DEV_SUBSET, answerable_only: bool = True, *, cache_dir: str | Path | None = None
+) -> list[dict[str, Any]]:
+    """Flat ``{id, title, context, question, answers}`` records from a SQuAD (1.1 or 2.0) JSON file, in file order.
+
+    ``path`` defaults to the shipped SQuAD 2.0 subset; the str ``"rajpurkar/squad_v2"`` (or
+    ``"rajpurkar/squad_v2:train"``) reads the hub's split instead (``datasets`` needed; ``cache_dir`` is its cache),
+    raising :class:`~at2_lens.errors.HubDatasetError` when that is not possible. ``answers`` are the answer texts;
+    unanswerable questions are dropped with ``answerable_only``.
+    """
+    from at2_lens.tasks.hub import load_hub_rows, parse_hub_name, squad_rows_to_records
+
+    hub = parse_hub_name(path, "squad")
+    if hub is not None:
+        return squad_rows_to_records(load_hub_rows(*hub, cache_dir=cache_dir), answerable_only)
     path = Path(path)
     if not path.is_file():
         raise InputError(f"path: SQuAD file {path} does not exist")
@@ -88,16 +103,19 @@ def squad_records(path: str | Path, answerable_only: bool = True) -> list[dict[s
 
 
 def squad_tasks(
-    path: str | Path,
+    path: str | Path = SQUAD_V2_DEV_SUBSET,
     *,
     limit: int | None = None,
     seed: int = 0,
     sources: str = "sentence",
     one_per_paragraph: bool = True,
+    cache_dir: str | Path | None = None,
 ) -> list[ContextTask]:
-    """Context-attribution tasks from a SQuAD file: paragraph as context, question as query, no response
-    (the model's own answer becomes the target). Shuffled deterministically by ``seed``."""
-    records = squad_records(path)
+    """Context-attribution tasks from SQuAD (a file or the hub name, as :func:`squad_records` takes it): paragraph as
+    context, question as query, no response (the model's own answer becomes the target). Shuffled deterministically
+    by ``seed``."""
+    limit = check_optional_int("limit", limit)
+    records = squad_records(path, cache_dir=cache_dir)
     if one_per_paragraph:
         seen: set[str] = set()
         records = [r for r in records if not (r["context"] in seen or seen.add(r["context"]))]
