@@ -3,6 +3,7 @@
 - ``add_model_args``: ``--model`` and ``--backend`` (every command that loads a model).
 - ``add_classifier_args`` / ``load_classifier`` / ``set_threads``: the encoder classifier of ``heads`` and ``tree``.
 - ``parse_ints``: a comma-separated list of integers (``--ks``, ``--adversarial-layers``).
+- ``TASKS_HELP`` / ``parse_tasks_spec``: what ``--tasks`` of ``collect`` and ``evaluate`` accepts.
 
 Heavy imports happen inside the functions that need them, so ``--help`` stays instant.
 """
@@ -10,6 +11,8 @@ Heavy imports happen inside the functions that need them, so ``--help`` stays in
 from __future__ import annotations
 
 import argparse
+import re
+from pathlib import Path
 from typing import Any
 
 from at2_lens._validate import check_int
@@ -70,4 +73,49 @@ def parse_ints(text: str, name: str) -> list[int]:
     return values
 
 
-__all__ = ["add_classifier_args", "add_model_args", "load_classifier", "parse_ints", "set_threads"]
+TASKS_HELP = ("'squad:' (or 'squad:dev_subset') for the SQuAD 2.0 subset shipped with at2_lens, 'squad:PATH' for a "
+              "SQuAD-format JSON file, 'squad:rajpurkar/squad_v2[:SPLIT]' for SQuAD 2.0 from the Hugging Face hub; "
+              "'hotpot:PATH' for a HotpotQA JSON file or 'hotpot:hotpotqa/hotpot_qa[:SPLIT]' for HotpotQA "
+              "(distractor) from the hub, sources = HotpotQA's own sentences when --sources is sentence; or a "
+              ".jsonl file of tasks ({'context', 'query', ['response']} per line). Hub names need "
+              "pip install 'at2_lens[hub]' and the hub (or a cached copy); the default split is validation")
+"""The help text of ``--tasks`` (collect, evaluate)."""
+
+TASK_KINDS = ("squad", "hotpot")
+"""The ``KIND:`` prefixes ``--tasks`` accepts before a path or hub name."""
+SHIPPED_SQUAD_NAMES = ("", "dev_subset")
+"""What after ``squad:`` selects the shipped SQuAD subset."""
+
+
+def parse_tasks_spec(spec: str) -> tuple[str, str | Path]:
+    """``(kind, source)`` for a ``--tasks`` value: kind ``"squad"``, ``"hotpot"`` or ``"jsonl"``; source a local
+    ``Path`` or a hub name (str) as the loaders take it. Checked here, before any model is loaded."""
+    from at2_lens.data import SQUAD_V2_DEV_SUBSET
+    from at2_lens.tasks.hub import parse_hub_name
+
+    kind, sep, rest = spec.partition(":")
+    if sep and kind in TASK_KINDS:
+        if kind == "squad" and rest.strip() in SHIPPED_SQUAD_NAMES:
+            return kind, SQUAD_V2_DEV_SUBSET
+        if not rest.strip():
+            raise InputError(f"--tasks: '{kind}:' needs a file or hub name after the colon, e.g. "
+                             f"'hotpot:hotpotqa/hotpot_qa'")
+        return kind, rest if parse_hub_name(rest, kind, "--tasks") else Path(rest)
+    path = Path(spec)
+    if sep and re.fullmatch(r"[A-Za-z_]\w+", kind) and not path.exists():
+        raise InputError(f"--tasks: unknown prefix '{kind}:'; expected {', '.join(k + ':' for k in TASK_KINDS)} "
+                         "or a .jsonl file")
+    return "jsonl", path
+
+
+__all__ = [
+    "SHIPPED_SQUAD_NAMES",
+    "TASKS_HELP",
+    "TASK_KINDS",
+    "add_classifier_args",
+    "add_model_args",
+    "load_classifier",
+    "parse_ints",
+    "parse_tasks_spec",
+    "set_threads",
+]

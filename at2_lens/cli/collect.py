@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from at2_lens.cli._args import add_model_args
+from at2_lens._validate import check_int
+from at2_lens.cli._args import TASKS_HELP, add_model_args, parse_tasks_spec
 
 
 def add_collect_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -21,9 +22,7 @@ def add_collect_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_model_args(p, default="smollm2", hooked_class="HookedTransformer",
                    model_help="'smollm2' or 'minilm' (embedded, offline), a Hugging Face model id, or a local model "
                               "directory")
-    p.add_argument("--tasks", required=True,
-                   help="a .jsonl file of tasks ({'context', 'query', ['response']} per line) or 'squad:PATH' "
-                        "for a SQuAD-format JSON file")
+    p.add_argument("--tasks", required=True, help=f"{TASKS_HELP}. squad and hotpot tasks are shuffled by --seed")
     p.add_argument("--store", required=True, help="the store directory (created, or resumed if it exists)")
     p.add_argument("--sources", default="sentence", choices=["token", "word", "sentence", "document"],
                    help="source granularity of the ablations (default: sentence)")
@@ -49,12 +48,18 @@ def add_collect_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def load_tasks(spec: str, sources: str, limit: int | None, seed: int) -> list[Any]:
-    """Tasks for ``--tasks``: ``squad:PATH`` (a SQuAD-format file, shuffled by ``seed``) or a JSON Lines file."""
+    """Tasks for ``--tasks`` (see ``TASKS_HELP``): SQuAD or HotpotQA shuffled by ``seed``, or a JSON Lines file."""
+    from at2_lens.tasks.hotpot import hotpot_tasks
     from at2_lens.tasks.loaders import load_jsonl_tasks, squad_tasks
 
-    if spec.startswith("squad:"):
-        return squad_tasks(spec[len("squad:"):], limit=limit, seed=seed, sources=sources)
-    tasks = load_jsonl_tasks(spec, sources=sources)
+    if limit is not None:
+        check_int("--limit", limit, minimum=1)
+    kind, source = parse_tasks_spec(spec)
+    if kind == "squad":
+        return squad_tasks(source, limit=limit, seed=seed, sources=sources)
+    if kind == "hotpot":
+        return hotpot_tasks(source, limit=limit, seed=seed, sources=sources)
+    tasks = load_jsonl_tasks(source, sources=sources)
     return tasks[:limit] if limit is not None else tasks
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from at2_lens._validate import check_int
-from at2_lens.cli._args import add_model_args, parse_ints
+from at2_lens.cli._args import TASKS_HELP, add_model_args, parse_ints, parse_tasks_spec
 
 _DEFAULT_METHODS = "at2,avg_attention,loo,contextcite32,gradxinput"
 _DEFAULT_METRICS = "lds,topk_drop,kendall_loo,kendall_gradxinput"
@@ -35,10 +35,10 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_model_args(p, default="smollm2", hooked_class="HookedTransformer",
                    model_help="'smollm2' (embedded, offline), a Hugging Face model id or a local model directory")
     p.add_argument("--tasks", required=True,
-                   help="'squad:PATH' for a SQuAD-format JSON file (one task per paragraph, the model's own answer "
-                        "as target), or a .jsonl file with {'context', 'query', ['response']} per line")
+                   help=f"{TASKS_HELP}. squad gives one task per paragraph; squad and hotpot tasks have the model's "
+                        "own answer as target")
     p.add_argument("--split", default="held_out", choices=["held_out", "train", "all"],
-                   help="for squad: tasks, which deterministic split to evaluate (held_out = paragraphs whose "
+                   help="for squad: and hotpot: tasks, which deterministic split to evaluate (held_out = tasks whose "
                         "question id hashes to 0 mod 5; default: held_out)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N tasks (default: all)")
     p.add_argument("--sources", default="sentence", choices=["token", "word", "sentence", "document"],
@@ -86,17 +86,24 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def load_eval_tasks(spec: str, split: str, sources: str, limit: int | None) -> list[Any]:
-    """Tasks for ``--tasks``: a SQuAD split (``squad:PATH``) or a JSON Lines file."""
-    from at2_lens.evaluation.squad import squad_split
+    """Tasks for ``--tasks`` (see ``TASKS_HELP``): a SQuAD or HotpotQA split, in source order, or a JSON Lines file."""
+    from at2_lens.evaluation.squad import is_held_out, squad_split
+    from at2_lens.tasks.hotpot import hotpot_records, hotpot_task
     from at2_lens.tasks.loaders import load_jsonl_tasks
 
     if limit is not None:
         check_int("--limit", limit, minimum=1)
-    if spec.startswith("squad:"):
-        train, held = squad_split(spec[len("squad:"):], sources=sources)
-        tasks = {"held_out": held, "train": train, "all": train + held}[split]
+    kind, source = parse_tasks_spec(spec)
+    if kind == "squad":
+        train, held = squad_split(source, sources=sources)
+    elif kind == "hotpot":
+        records = hotpot_records(source)
+        train = [hotpot_task(r, sources) for r in records if not is_held_out(r["id"])]
+        held = [hotpot_task(r, sources) for r in records if is_held_out(r["id"])]
     else:
-        tasks = load_jsonl_tasks(Path(spec), sources=sources)
+        tasks = load_jsonl_tasks(source, sources=sources)
+        return tasks[:limit] if limit is not None else tasks
+    tasks = {"held_out": held, "train": train, "all": train + held}[split]
     return tasks[:limit] if limit is not None else tasks
 
 
