@@ -79,6 +79,9 @@ def test_squad_hub_rows_give_the_local_records() -> None:
     everything = squad_rows_to_records(rows, answerable_only=False)
     assert everything == squad_records(SQUAD_V2_DEV_SUBSET, answerable_only=False)
     assert len(everything) == 1407
+    assert squad_rows_to_records(iter(_squad_hub_rows())) == squad_records(SQUAD_V2_DEV_SUBSET)  # a one-pass iterable
+    with pytest.raises(InputError, match=r"SQuAD rows need the columns .*missing \['answers'\]"):
+        squad_rows_to_records([{"id": "a", "title": "t", "context": "c", "question": "q"}])
 
 
 def test_squad_by_hub_name_equals_the_shipped_file(fake_hub: list[tuple[Any, ...]]) -> None:

@@ -102,26 +102,31 @@ def load_hub_rows(dataset: HubDataset, split: str, *, cache_dir: str | Path | No
         ) from exc
 
 
-def _require_columns(rows: Any, columns: Iterable[str], what: str) -> None:
-    """Refuse rows (a ``datasets.Dataset`` or a sequence of mappings) that lack one of ``columns``."""
+Rows = Iterable[Mapping[str, Any]]
+"""Dataset rows: a ``datasets.Dataset`` or any iterable of mappings."""
+
+
+def _with_columns(rows: Rows, columns: tuple[str, ...], what: str) -> Rows:
+    """``rows`` (a ``datasets.Dataset``, or any iterable of mappings, then read into a list) after checking that they
+    have ``columns``; InputError names the missing ones."""
     names = getattr(rows, "column_names", None)
     if names is None:
-        first = next(iter(rows), None)
-        names = list(first) if isinstance(first, Mapping) else []
+        rows = list(rows)
+        names = list(rows[0]) if rows and isinstance(rows[0], Mapping) else []
     missing = [c for c in columns if c not in names]
     if missing:
         raise InputError(f"rows: {what} rows need the columns {list(columns)}; missing {missing}")
+    return rows
 
 
-def squad_rows_to_records(rows: Iterable[Mapping[str, Any]], answerable_only: bool = True) -> list[dict[str, Any]]:
+def squad_rows_to_records(rows: Rows, answerable_only: bool = True) -> list[dict[str, Any]]:
     """SQuAD records (as :func:`at2_lens.tasks.loaders.squad_records` gives them) from rows in the hub's
     ``squad_v2`` schema: ``id, title, context, question, answers={text: [...], answer_start: [...]}``.
 
     Unanswerable questions (no answer text) are dropped with ``answerable_only``. Row order is kept.
     """
-    _require_columns(rows, ("id", "title", "context", "question", "answers"), "SQuAD")
     out = []
-    for row in rows:
+    for row in _with_columns(rows, ("id", "title", "context", "question", "answers"), "SQuAD"):
         answers = list(row["answers"]["text"])
         if answerable_only and not answers:
             continue
@@ -130,13 +135,12 @@ def squad_rows_to_records(rows: Iterable[Mapping[str, Any]], answerable_only: bo
     return out
 
 
-def sst2_rows_to_examples(rows: Iterable[Mapping[str, Any]], limit: int | None = None) -> tuple[list[str], list[int]]:
+def sst2_rows_to_examples(rows: Rows, limit: int | None = None) -> tuple[list[str], list[int]]:
     """``(texts, labels)`` as :func:`at2_lens.models.classifier.load_sst2` gives them, from rows in the hub's
     ``sst2`` schema (``idx, sentence, label``): texts stripped, at most ``limit`` rows (None: all)."""
-    _require_columns(rows, ("sentence", "label"), "SST-2")
     texts: list[str] = []
     labels: list[int] = []
-    for row in rows:
+    for row in _with_columns(rows, ("sentence", "label"), "SST-2"):
         if limit is not None and len(texts) >= limit:
             break
         label = int(row["label"])
