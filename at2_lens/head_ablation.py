@@ -200,8 +200,26 @@ class SourceKnockout(HookSet):
         self.heads = heads
         hooks: list[FwdHook] = []
         for layer, hs in _by_layer(heads).items():
-            hooks.extend(backend.pattern_hooks(layer, transform_for(hs)))
+            z_name = hook_names.z(layer)
+            for name, fn in backend.pattern_hooks(layer, transform_for(hs)):
+                # Where the backend rewrites hook_z from the edited pattern, keep the other heads' incoming z, so
+                # that edits made there by other hooks (e.g. an ablation of another head) survive.
+                hooks.append((name, _only_heads(fn, hs) if name == z_name else fn))
         super().__init__(backend, hooks)
+
+
+def _only_heads(write_z: HookFn, heads: list[int]) -> HookFn:
+    """A ``hook_z`` writer that changes only ``heads``; the other heads keep the ``z`` it received."""
+    index = torch.tensor(heads, dtype=torch.long)
+
+    def hook(z: Tensor, hook: Any) -> Tensor:
+        new = write_z(z, hook)
+        idx = index.to(z.device)
+        out = z.clone()
+        out[:, :, idx] = new[:, :, idx].to(z.dtype)
+        return out
+
+    return hook
 
 
 def _set_heads(heads: list[int], value: Tensor, how: str) -> HookFn:
@@ -299,9 +317,13 @@ def ablate_heads(
             raise InputError(f"reference: how={how!r} needs reference token ids (the input the activations come from)")
         if reference_mask is not None and not isinstance(reference_mask, Tensor):
             raise InputError(f"reference_mask: expected a tensor, got {type(reference_mask).__name__}")
-        if reference_mask is not None and reference_mask.dim() == 1:
-            reference_mask = reference_mask[None]
-        reference = backend.check_tokens(reference, reference_mask, name="reference")
+        reference = backend.check_tokens(reference, name="reference")
+        if reference_mask is not None:
+            if reference_mask.dim() == 1:
+                reference_mask = reference_mask[None]
+            if reference_mask.shape != reference.shape:
+                raise InputError(f"reference_mask: expected the reference's shape {tuple(reference.shape)}, got "
+                                 f"{tuple(reference_mask.shape)}")
         if reference_mask is not None and not bool(reference_mask.bool().any()):
             raise InputError("reference_mask: masks every reference token")
     if not pairs:
