@@ -38,3 +38,8 @@ class NumericalError(At2LensError, FloatingPointError):
 
 class DatasetNotFoundError(At2LensError, FileNotFoundError):
     """A local data file (e.g. SST-2 train outside a checkout) is missing; the message says where it was looked for."""
+
+
+class ResultFileError(At2LensError, ValueError):
+    """A saved result file is missing, corrupted, unsafe, of another kind, or of a format version this at2_lens does
+    not read."""
