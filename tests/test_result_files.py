@@ -172,3 +172,29 @@ def test_a_failed_save_leaves_no_partial_file(at2_result: tuple[AT2Attribution, 
     assert not (tmp_path / "nan.safetensors").exists()
     assert _no_temp_files(tmp_path)
 
+
+# ----------------------------------------------------------------------------------------------------------- CLI
+def test_cli_attribute_and_tree_save(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from at2_lens.cli import main
+    from at2_lens.models.classifier import ClassifierHead, write_head
+    from at2_lens.models.tiny import save_tiny
+
+    llama = save_tiny("llama", tmp_path / "llama")
+    saved = tmp_path / "out" / "result.safetensors"
+    assert main(["attribute", "--model", str(llama), "--context", "The cat sat. The dog ran.", "--query", "Who?",
+                 "--response", "The cat.", "--html", "", "--save", str(saved)]) == 0
+    loaded = SourceAttribution.load(saved)
+    assert loaded.response == "The cat." and loaded.n_sources == 2 and loaded.task is not None
+    assert loaded.model_fingerprint is not None and loaded.model_fingerprint["n_layers"] == 2
+    assert "Result saved to" in capsys.readouterr().out
+
+    bert = save_tiny("bert", tmp_path / "bert")
+    head = write_head(tmp_path / "head.safetensors", ClassifierHead(
+        weight=torch.randn(2, 64, generator=torch.Generator().manual_seed(0)), bias=torch.zeros(2),
+        meta={"labels": ["negative", "positive"], "pooling": "mean"}))
+    tree = tmp_path / "tree.safetensors"
+    assert main(["tree", "--model", str(bert), "--head", str(head), "--text", "a good film", "--n-steps", "2",
+                 "--out", "", "--save", str(tree)]) == 0
+    res = AttAttrResult.load(tree)
+    assert res.layers == (0, 1) and res.n_steps == 2 and res.attention_mask is not None
+    assert "AttAttr result saved to" in capsys.readouterr().out
