@@ -24,6 +24,7 @@ _EXPORTS: dict[str, str] = {
     "AttentionAttribution": "at2_lens.attattr",
     "SelfAttentionAttribution": "at2_lens.attattr",
     "PooledOutput": "at2_lens.attattr",
+    "AttAttrResult": "at2_lens.attattr",
     "evaluate": "at2_lens.evaluation.runner",
     "CaptumLM": "at2_lens.interop",
     "to_llm_attribution_result": "at2_lens.interop",
@@ -36,6 +37,7 @@ _EXPORTS: dict[str, str] = {
 __all__ = [
     "AT2Attribution",
     "AT2Refined",
+    "AttAttrResult",
     "AttentionAttribution",
     "Backend",
     "CaptumLM",
@@ -73,7 +75,7 @@ if TYPE_CHECKING:
     from at2_lens.at2.estimator import LinearEstimator
     from at2_lens.at2.pretrained import load_estimator
     from at2_lens.at2.refined import AT2Refined
-    from at2_lens.attattr import AttentionAttribution, PooledOutput, SelfAttentionAttribution
+    from at2_lens.attattr import AttAttrResult, AttentionAttribution, PooledOutput, SelfAttentionAttribution
     from at2_lens.backends import Backend, get_backend
     from at2_lens.evaluation.runner import evaluate
     from at2_lens.head_ablation import ablate_heads, ablate_heads_hooks, knockout_sources, top_heads
