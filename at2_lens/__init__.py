@@ -24,16 +24,20 @@ _EXPORTS: dict[str, str] = {
     "AttentionAttribution": "at2_lens.attattr",
     "SelfAttentionAttribution": "at2_lens.attattr",
     "PooledOutput": "at2_lens.attattr",
+    "AttAttrResult": "at2_lens.attattr",
     "evaluate": "at2_lens.evaluation.runner",
     "CaptumLM": "at2_lens.interop",
     "to_llm_attribution_result": "at2_lens.interop",
     "ablate_heads_hooks": "at2_lens.head_ablation",
+    "ablate_heads": "at2_lens.head_ablation",
+    "knockout_sources": "at2_lens.head_ablation",
     "top_heads": "at2_lens.head_ablation",
 }
 
 __all__ = [
     "AT2Attribution",
     "AT2Refined",
+    "AttAttrResult",
     "AttentionAttribution",
     "Backend",
     "CaptumLM",
@@ -44,9 +48,11 @@ __all__ = [
     "SourceAttribution",
     "TargetSpan",
     "__version__",
+    "ablate_heads",
     "ablate_heads_hooks",
     "evaluate",
     "get_backend",
+    "knockout_sources",
     "load_estimator",
     "load_model",
     "to_llm_attribution_result",
@@ -69,10 +75,10 @@ if TYPE_CHECKING:
     from at2_lens.at2.estimator import LinearEstimator
     from at2_lens.at2.pretrained import load_estimator
     from at2_lens.at2.refined import AT2Refined
-    from at2_lens.attattr import AttentionAttribution, PooledOutput, SelfAttentionAttribution
+    from at2_lens.attattr import AttAttrResult, AttentionAttribution, PooledOutput, SelfAttentionAttribution
     from at2_lens.backends import Backend, get_backend
     from at2_lens.evaluation.runner import evaluate
-    from at2_lens.head_ablation import ablate_heads_hooks, top_heads
+    from at2_lens.head_ablation import ablate_heads, ablate_heads_hooks, knockout_sources, top_heads
     from at2_lens.interop import CaptumLM, to_llm_attribution_result
     from at2_lens.models import load_model
     from at2_lens.results import SourceAttribution

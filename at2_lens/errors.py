@@ -43,3 +43,8 @@ class DatasetNotFoundError(At2LensError, FileNotFoundError):
 class HubDatasetError(DatasetNotFoundError):
     """A Hugging Face ``datasets`` name could not be loaded (``datasets`` not installed, offline, no network, or a hub
     error); the message names the local alternative and, when ``datasets`` is missing, the pip extra."""
+
+
+class ResultFileError(At2LensError, ValueError):
+    """A saved result file is missing, corrupted, unsafe, of another kind, or of a format version this at2_lens does
+    not read."""

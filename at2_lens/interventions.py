@@ -8,7 +8,7 @@ observe and never edit, so they work on every backend that fires ``hook_pattern`
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -160,3 +160,15 @@ def read_pattern_rows(
         sink(pattern[:, :, rows, :])
 
     return hook
+
+
+def on_heads(transform: PatternTransform, heads: Sequence[int]) -> PatternTransform:
+    """Apply ``transform`` to the patterns of ``heads`` only; every other head keeps its own pattern."""
+    chosen_heads = list(heads)
+
+    def on_chosen(pattern: Tensor) -> Tensor:
+        chosen = torch.zeros(pattern.shape[1], dtype=torch.bool, device=pattern.device)
+        chosen[chosen_heads] = True
+        return torch.where(chosen[None, :, None, None], transform(pattern), pattern)
+
+    return on_chosen

@@ -7,22 +7,31 @@ Every context-attribution method of at2_lens (AT2, its baselines) returns this t
 Cost contract: ``extra["forward_passes"]`` and ``extra["backward_passes"]`` are the passes of the ``attribute``
 call that made the result (sequences through the model; a batch of 8 counts 8), so a call served from a cache
 reports 0.
+
+Results last: ``result.save(path)`` writes one safetensors file (scores, per-token scores and the task's token ids
+as tensors; texts, spans, target, method, units, ``extra`` and the model fingerprint as canonical JSON, with a
+format version) and ``SourceAttribution.load(path)`` reads it back without executing anything.
 """
 
 from __future__ import annotations
 
 import html
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from at2_lens._result_files import json_extra, read_result, write_result
 from at2_lens._validate import check_int
-from at2_lens.errors import InputError, NumericalError
+from at2_lens.errors import InputError, NumericalError, ResultFileError
 from at2_lens.ranking import rank
 from at2_lens.tasks import Span, TokenizedTask
+
+RESULT_FORMAT = "at2_lens.source_attribution"
+RESULT_FORMAT_VERSION = 1
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -43,6 +52,8 @@ class SourceAttribution:
         method: which method produced the scores; ``units`` what the scores mean.
         extra: the cost of the call (``forward_passes``, ``backward_passes``) and method-specific details.
         task: the tokenized task the scores belong to (prompt, response, token ranges), when known.
+        model_fingerprint: the model the scores came from (``at2_lens.at2.estimator.model_fingerprint``), when known
+            (set by ``save(path, model=...)`` and kept by ``load``).
     """
 
     scores: Float[Tensor, " source"]
@@ -57,6 +68,7 @@ class SourceAttribution:
     target_tokens: tuple[str, ...] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     task: TokenizedTask | None = None
+    model_fingerprint: dict[str, Any] | None = None
 
     @classmethod
     def from_task(
@@ -130,6 +142,72 @@ class SourceAttribution:
             }
         )
 
+    # ----------------------------------------------------------------------------------------------- files
+    def save(self, path: Path | str, *, model: Any = None) -> Path:
+        """Write this result to ``path`` (one safetensors file, written atomically); returns the path.
+
+        With ``model`` (a TransformerLens model or its ``Backend``), its fingerprint is recorded, so ``load`` can
+        check the file against a model. ``extra`` values must be JSON (numbers, strings, lists, dicts; tuples come
+        back as lists) or tensors; anything else is an InputError naming the key, and no file is written.
+        """
+        extra, extra_tensors = json_extra(self.extra)
+        tensors: dict[str, Tensor] = {"scores": self.scores.detach().float().cpu()}
+        if self.token_scores is not None:
+            tensors["token_scores"] = self.token_scores.detach().float().cpu()
+        if self.task is not None:
+            tensors["task.input_ids"] = self.task.input_ids.detach().long().cpu()
+        tensors.update({f"extra.{key}": value for key, value in extra_tensors.items()})
+        fingerprint = self.model_fingerprint
+        if model is not None:
+            from at2_lens.at2.estimator import model_fingerprint
+            from at2_lens.backends import get_backend
+
+            fingerprint = model_fingerprint(get_backend(model))
+        meta = {
+            "method": self.method, "units": self.units, "context": self.context,
+            "source_texts": list(self.source_texts), "source_spans": [list(s) for s in self.source_spans],
+            "target_text": self.target_text, "response": self.response,
+            "target_tokens": None if self.target_tokens is None else list(self.target_tokens),
+            "extra": extra, "extra_tensors": sorted(extra_tensors),
+            "task": None if self.task is None else _task_meta(self.task),
+            "model_fingerprint": fingerprint,
+        }
+        return write_result(path, RESULT_FORMAT, RESULT_FORMAT_VERSION, tensors, meta)
+
+    @classmethod
+    def load(cls, path: Path | str, *, model: Any = None) -> SourceAttribution:
+        """Read a result written by :meth:`save` (never executes code from the file).
+
+        With ``model``, the fingerprint recorded in the file (if any) must match the model's. Raises ResultFileError
+        for a missing, corrupted or pickle-based file, a file of another kind (e.g. an ``AttAttrResult``) or of
+        another format version.
+        """
+        tensors, meta = read_result(path, RESULT_FORMAT, RESULT_FORMAT_VERSION)
+        try:
+            if not isinstance(meta["model_fingerprint"], dict | None):
+                raise TypeError(f"model_fingerprint is {meta['model_fingerprint']!r}")
+            extra = dict(meta["extra"])
+            for key in meta["extra_tensors"]:
+                extra[key] = tensors[f"extra.{key}"]
+            task = None
+            if meta["task"] is not None:
+                task = _task_from_meta(meta["task"], tensors["task.input_ids"])
+            target_tokens = meta["target_tokens"]
+            result = cls(
+                scores=tensors["scores"], source_texts=tuple(meta["source_texts"]),
+                source_spans=tuple(_span(s) for s in meta["source_spans"]), context=meta["context"],
+                target_text=meta["target_text"], response=meta["response"], method=meta["method"],
+                units=meta["units"], token_scores=tensors.get("token_scores"),
+                target_tokens=None if target_tokens is None else tuple(target_tokens), extra=extra, task=task,
+                model_fingerprint=meta["model_fingerprint"],
+            )
+        except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
+            raise ResultFileError(f"{path}: inconsistent SourceAttribution file ({type(exc).__name__}: {exc})"
+                                  ) from None
+        if model is not None and result.model_fingerprint is not None:
+            _check_fingerprint(path, result.model_fingerprint, model)
+        return result
+
     # --------------------------------------------------------------------------------------------- rendering
     def _weights(self) -> list[float]:
         top = float(self.scores.abs().max()) if self.n_sources else 0.0
@@ -196,3 +274,49 @@ class SourceAttribution:
     def __repr__(self) -> str:
         top = ", ".join(f"#{i} {s:.3g}" for i, _, s in self.top_k(min(3, self.n_sources)))
         return f"SourceAttribution(method={self.method!r}, n_sources={self.n_sources}, top=[{top}])"
+
+
+# --------------------------------------------------------------------------------------------------- file helpers
+_TASK_SPAN_FIELDS = ("offsets", "source_spans", "source_token_ranges", "dropped_sources")
+_TASK_PLAIN_FIELDS = ("prompt", "prompt_len", "response", "context", "context_start", "granularity", "target_text",
+                      "chat")
+
+
+def _span(value: Any) -> Span:
+    a, b = value
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in (a, b)):
+        raise TypeError(f"expected a span of two ints, got {value!r}")
+    return (a, b)
+
+
+def _task_meta(task: TokenizedTask) -> dict[str, Any]:
+    """Everything of a tokenized task but its token ids, as JSON."""
+    meta: dict[str, Any] = {name: getattr(task, name) for name in _TASK_PLAIN_FIELDS}
+    meta.update({name: [list(s) for s in getattr(task, name)] for name in _TASK_SPAN_FIELDS})
+    meta["source_texts"] = list(task.source_texts)
+    for name in ("target_char_range", "target_token_range"):
+        value = getattr(task, name)
+        meta[name] = None if value is None else list(value)
+    return meta
+
+
+def _task_from_meta(meta: dict[str, Any], input_ids: Tensor) -> TokenizedTask:
+    fields: dict[str, Any] = {name: meta[name] for name in _TASK_PLAIN_FIELDS}
+    fields.update({name: tuple(_span(s) for s in meta[name]) for name in _TASK_SPAN_FIELDS})
+    fields["source_texts"] = tuple(meta["source_texts"])
+    for name in ("target_char_range", "target_token_range"):
+        fields[name] = None if meta[name] is None else _span(meta[name])
+    if input_ids.dim() != 1 or input_ids.dtype != torch.int64 or len(fields["offsets"]) != input_ids.shape[0]:
+        raise ValueError(f"task token ids of shape {tuple(input_ids.shape)} do not match the task's offsets")
+    return TokenizedTask(input_ids=input_ids, **fields)
+
+
+def _check_fingerprint(path: Path | str, recorded: dict[str, Any], model: Any) -> None:
+    """ResultFileError when the ``model`` is not the one the file records."""
+    from at2_lens.at2.estimator import compare_fingerprints, model_fingerprint
+    from at2_lens.backends import get_backend
+
+    diffs = compare_fingerprints(recorded, model_fingerprint(get_backend(model)), a_label="the result came from",
+                                 b_label="this model has")
+    if diffs:
+        raise ResultFileError(f"{path}: the result belongs to another model: " + "; ".join(diffs))

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Every sub-command and every option it takes, as users call them. A missing option is a broken command line.
 _MODEL = ["--model", "--backend"]
-_ATTRIBUTION = [*_MODEL, "--estimator", "--sources", "--top", "--max-new-tokens", "--html", "--json"]
+_ATTRIBUTION = [*_MODEL, "--estimator", "--sources", "--top", "--max-new-tokens", "--html", "--json", "--save"]
 _CLASSIFIER = [*_MODEL, "--head", "--threads"]
 SUBCOMMANDS: dict[str, list[str]] = {
     "demo": [*_ATTRIBUTION, "--context", "--question"],
@@ -31,7 +31,7 @@ SUBCOMMANDS: dict[str, list[str]] = {
                  "--max-new-tokens", "--device", "--out", "--summary", "--quiet"],
     "heads": [*_CLASSIFIER, "--data-dir", "--n-importance", "--n-eval", "--methods", "--n-fractions", "--n-steps",
               "--target", "--batch-size", "--seed", "--csv", "--plot", "--importance-json"],
-    "tree": [*_CLASSIFIER, "--text", "--threshold", "--n-steps", "--roots", "--out"],
+    "tree": [*_CLASSIFIER, "--text", "--threshold", "--n-steps", "--roots", "--out", "--save"],
 }
 
 

@@ -1,14 +1,25 @@
-"""``AttAttrResult``: what one ``SelfAttentionAttribution.attribute`` call returns, with its read-outs."""
+"""``AttAttrResult``: what one ``SelfAttentionAttribution.attribute`` call returns, with its read-outs.
+
+``result.save(path)`` writes it as one safetensors file (the tensors, plus layers, method, steps and the model
+fingerprint as canonical JSON with a format version); ``AttAttrResult.load(path)`` reads it back, executing nothing.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from at2_lens._result_files import read_result, write_result
 from at2_lens.backends import hook_names
-from at2_lens.errors import InputError
+from at2_lens.errors import InputError, ResultFileError
+
+RESULT_FORMAT = "at2_lens.attattr_result"
+RESULT_FORMAT_VERSION = 1
+_OPTIONAL_TENSORS = ("convergence_delta", "baseline_output", "attention_mask")
 
 
 @dataclass(frozen=True)
@@ -25,6 +36,8 @@ class AttAttrResult:
         baseline_output: F with layer ``l``'s attention zeroed, same shape as ``convergence_delta``, or None.
         attention_mask: the padding mask ``[batch, pos]`` used, or None.
         method, n_steps: the integral approximation used.
+        model_fingerprint: the model attributed (``at2_lens.at2.estimator.model_fingerprint``), when known (set by
+            ``save(path, model=...)`` and kept by ``load``).
     """
 
     attributions: Tensor
@@ -35,6 +48,7 @@ class AttAttrResult:
     attention_mask: Tensor | None = None
     method: str = "gausslegendre"
     n_steps: int = 20
+    model_fingerprint: dict[str, Any] | None = None
 
     @property
     def batched(self) -> bool:
@@ -71,6 +85,53 @@ class AttAttrResult:
             raise InputError("return_convergence_delta: call attribute(..., return_convergence_delta=True) first")
         change = (self.output[..., None] - self.baseline_output).abs()
         return self.convergence_delta.abs() / change.clamp_min(torch.finfo(change.dtype).tiny)
+
+    # ----------------------------------------------------------------------------------------------- files
+    def save(self, path: Path | str, *, model: Any = None) -> Path:
+        """Write this result to ``path`` (one safetensors file, written atomically); returns the path.
+
+        With ``model`` (a TransformerLens model or its ``Backend``), its fingerprint is recorded.
+        """
+        tensors = {"attributions": self.attributions.detach().cpu(), "output": self.output.detach().cpu()}
+        for name in _OPTIONAL_TENSORS:
+            value = getattr(self, name)
+            if value is not None:
+                tensors[name] = value.detach().cpu()
+        fingerprint = self.model_fingerprint
+        if model is not None:
+            from at2_lens.at2.estimator import model_fingerprint
+            from at2_lens.backends import get_backend
+
+            fingerprint = model_fingerprint(get_backend(model))
+        meta = {"layers": list(self.layers), "method": self.method, "n_steps": self.n_steps,
+                "model_fingerprint": fingerprint}
+        return write_result(path, RESULT_FORMAT, RESULT_FORMAT_VERSION, tensors, meta)
+
+    @classmethod
+    def load(cls, path: Path | str) -> AttAttrResult:
+        """Read a result written by :meth:`save` (never executes code from the file).
+
+        Raises ResultFileError for a missing, corrupted or pickle-based file, a file of another kind (e.g. a
+        ``SourceAttribution``) or of another format version.
+        """
+        tensors, meta = read_result(path, RESULT_FORMAT, RESULT_FORMAT_VERSION)
+        try:
+            layers = tuple(meta["layers"])
+            attributions = tensors["attributions"]
+            if not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
+                raise TypeError(f"layers are {meta['layers']!r}")
+            if attributions.dim() not in (4, 5) or attributions.shape[attributions.dim() - 4] != len(layers):
+                raise ValueError(f"attributions of shape {tuple(attributions.shape)} do not fit layers {layers}")
+            if not isinstance(meta["model_fingerprint"], dict | None):
+                raise TypeError(f"model_fingerprint is {meta['model_fingerprint']!r}")
+            return cls(
+                attributions=attributions, layers=layers, output=tensors["output"],
+                **{name: tensors.get(name) for name in _OPTIONAL_TENSORS},
+                method=str(meta["method"]), n_steps=int(meta["n_steps"]),
+                model_fingerprint=meta["model_fingerprint"],
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ResultFileError(f"{path}: inconsistent AttAttrResult file ({type(exc).__name__}: {exc})") from None
 
 
 __all__ = ["AttAttrResult"]

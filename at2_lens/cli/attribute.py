@@ -33,6 +33,9 @@ def _add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--html", default=DEFAULT_REPORT,
                    help=f"where to write the HTML report (default: {DEFAULT_REPORT}); '' to skip")
     p.add_argument("--json", default=None, help="also write the scores as JSON to this path")
+    p.add_argument("--save", default=None,
+                   help="also save the whole result (SourceAttribution.save: safetensors + JSON metadata) to this "
+                        "path; read it back with SourceAttribution.load")
 
 
 def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -127,6 +130,8 @@ def _attribute(args: argparse.Namespace, task: Any) -> int:
                         for i, (t, s) in enumerate(zip(result.source_texts, result.scores.tolist(), strict=True))],
         }, indent=2, ensure_ascii=False))
         print(f"JSON scores written to {Path(args.json).resolve()}")
+    if args.save:
+        print(f"Result saved to {result.save(args.save, model=model).resolve()}")
     return 0
 
 

@@ -37,6 +37,9 @@ def add_tree_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "(default: all)")
     p.add_argument("--out", default="attribution_tree.png",
                    help="where to write the drawing (default: attribution_tree.png); '' to skip")
+    p.add_argument("--save", default=None,
+                   help="also save the AttAttr result (AttAttrResult.save: safetensors + JSON metadata) to this "
+                        "path; read it back with AttAttrResult.load")
     p.set_defaults(func=cmd_tree)
     return p
 
@@ -73,6 +76,8 @@ def cmd_tree(args: argparse.Namespace) -> int:
     result = AttentionAttribution(clf.backend, classifier_output_func(clf)).attribute(
         tokens, attention_mask=mask, n_steps=args.n_steps
     )
+    if args.save:
+        print(f"AttAttr result saved to {result.save(args.save, model=clf.backend).resolve()}")
     texts = clf.tokenizer.convert_ids_to_tokens(tokens[0].tolist())
     graph = attribution_tree(result, texts, threshold=args.threshold, roots=roots)
     probs = clf.forward(tokens, mask)[0].detach()
