@@ -6,6 +6,7 @@ ablation modes, the target's output, attention read by the target's rows, and ab
 - ``outputs``: the target's log-probability or logit-probability from logits.
 - ``modes``: the target's output under keep-masks, by attention masking or text removal; ``ablation_fn``.
 - ``features``: per-head attention from the target's rows to each source, in one forward pass.
+- ``user_cache``: the same features read from the user's own ``ActivationCache`` (no pass); ``cache_filter``.
 - ``ground_truth``: a task's outputs under held-out random masks (what LDS and top-k drop compare against).
 
 AT2 (``at2_lens.at2``), the baselines, the evaluation and the interop layer all import from here.
@@ -35,6 +36,7 @@ from at2_lens.ablation.outputs import (
     span_output,
 )
 from at2_lens.ablation.positions import check_spans, membership, query_rows
+from at2_lens.ablation.user_cache import CachedPatterns, cache_filter
 
 __all__ = [
     "ABLATION_MODES",
@@ -44,12 +46,14 @@ __all__ = [
     "OUTPUT_UNITS",
     "AblationFn",
     "AblationMode",
+    "CachedPatterns",
     "FeatureOptions",
     "FeaturePass",
     "GroundTruth",
     "OutputType",
     "TaskAblationFn",
     "ablation_fn",
+    "cache_filter",
     "check_mode",
     "check_output_type",
     "check_spans",

@@ -29,6 +29,7 @@ from torch import Tensor
 from at2_lens._typing import typechecked
 from at2_lens._validate import check_choice
 from at2_lens.ablation.positions import check_spans, membership, query_rows
+from at2_lens.ablation.user_cache import read_cached_patterns
 from at2_lens.backends import Backend, get_backend
 from at2_lens.errors import InputError, NumericalError
 from at2_lens.tasks import Span
@@ -159,11 +160,18 @@ def extract_features(
     *,
     with_logprobs: bool = True,
     options: FeatureOptions | None = None,
+    cache: Any = None,
 ) -> FeaturePass:
     """Read AT2 features (and the target's token log-probs) in a single forward pass.
 
     ``options`` chooses the feature family (default: AT2's, :class:`FeatureOptions`); row weighting by surprisal
     or entropy needs a causal model (they come from the logits of the same pass).
+
+    ``cache``: a TransformerLens ``ActivationCache`` of a pass over exactly ``input_ids`` (or a
+    :class:`~at2_lens.ablation.user_cache.CachedPatterns` around one): the features are read from its
+    ``hook_pattern`` entries (see :func:`~at2_lens.ablation.user_cache.cache_filter`) with no forward pass, and are
+    equal to a live pass's. There are no log-probs then (``token_logprobs`` is None), so surprisal or entropy
+    row weighting is refused.
     """
     options = FeatureOptions() if options is None else options
     if not isinstance(options, FeatureOptions):
@@ -178,6 +186,8 @@ def extract_features(
         raise InputError(f"options: target_weighting={options.target_weighting!r} needs a causal (decoder) model")
     member = membership(source_ranges, n).to(backend.device)
     rows = query_rows(target_range, causal)
+    if cache is not None:
+        return _features_from_cache(backend, ids, source_ranges, target_range, rows, member, options, cache)
     per_layer: list[Tensor | None] = [None] * backend.n_layers
     norms: dict[int, Tensor] = {}
     w_o = backend.model.W_O.detach() if options.value_weighted else None  # [layer, head, d_head, d_model]
@@ -191,25 +201,8 @@ def extract_features(
 
     def make_hook(layer: int) -> Any:
         def hook(pattern: Tensor, hook: Any) -> None:
-            a = pattern[0, :, rows, :].float()  # [head, row, key]
-            if options.value_weighted:
-                a = a * norms[layer].T[:, None, :]
-            if options.source_pooling == "max":
-                pooled = [a[:, :, s0:s1].amax(dim=-1) for s0, s1 in source_ranges]
-                reduced = torch.stack(pooled, dim=-1).permute(1, 2, 0)  # [row, source, head]
-            else:
-                reduced = einsum(a, member, "head row key, key source -> row source head")
-                if options.source_pooling == "mean":
-                    reduced = reduced / member.sum(dim=0)[None, :, None]
-            if options.drop_sink:
-                total = reduced.sum(dim=1, keepdim=True)
-                reduced = torch.where(total > 0, reduced / total.clamp_min(1e-12), torch.zeros_like(reduced))
-            if not torch.isfinite(reduced).all():
-                raise NumericalError(
-                    f"attention of layer {layer} holds NaN or inf (e.g. a row whose every key is masked); refusing "
-                    "to return non-finite features"
-                )
-            per_layer[layer] = reduced
+            per_layer[layer] = _reduce_rows(layer, pattern[0, :, rows, :], norms.get(layer), member, source_ranges,
+                                            options)
 
         return hook
 
@@ -228,6 +221,58 @@ def extract_features(
         entropy = -(lp.exp() * lp).sum(dim=-1).cpu() if options.target_weighting == "entropy" else None
         weights = target_row_weights(options.target_weighting, logprobs, entropy)
     return FeaturePass(feats, logprobs if with_logprobs else None, target_range, weights)
+
+
+
+def _reduce_rows(
+    layer: int, pattern_rows: Tensor, norms: Tensor | None, member: Tensor, source_ranges: Sequence[Span],
+    options: FeatureOptions,
+) -> Tensor:
+    """One layer's target-row attention ``[head, row, key]`` reduced to ``[row, source, head]`` (live or cached)."""
+    a = pattern_rows.float()
+    if options.value_weighted:
+        assert norms is not None
+        a = a * norms.to(a.device).T[:, None, :]
+    if options.source_pooling == "max":
+        pooled = [a[:, :, s0:s1].amax(dim=-1) for s0, s1 in source_ranges]
+        reduced = torch.stack(pooled, dim=-1).permute(1, 2, 0)  # [row, source, head]
+    else:
+        member = member.to(a.device)
+        reduced = einsum(a, member, "head row key, key source -> row source head")
+        if options.source_pooling == "mean":
+            reduced = reduced / member.sum(dim=0)[None, :, None]
+    if options.drop_sink:
+        total = reduced.sum(dim=1, keepdim=True)
+        reduced = torch.where(total > 0, reduced / total.clamp_min(1e-12), torch.zeros_like(reduced))
+    if not torch.isfinite(reduced).all():
+        raise NumericalError(
+            f"attention of layer {layer} holds NaN or inf (e.g. a row whose every key is masked); refusing "
+            "to return non-finite features"
+        )
+    return reduced
+
+
+def _features_from_cache(
+    backend: Backend, ids: Tensor, source_ranges: Sequence[Span], target_range: Span, rows: slice, member: Tensor,
+    options: FeatureOptions, cache: Any,
+) -> FeaturePass:
+    """The features of :func:`extract_features`, read from the user's cache instead of a forward pass."""
+    if options.target_weighting != "uniform":
+        raise InputError(
+            f"cache: features with target_weighting={options.target_weighting!r} need the target's logits, which "
+            "a cache of attention patterns does not hold; attribute without cache="
+        )
+    read = read_cached_patterns(backend, cache, ids[0], rows, need_values=options.value_weighted)
+    w_o = backend.model.W_O.detach() if options.value_weighted else None
+    per_layer = []
+    for layer, pattern in enumerate(read.patterns):
+        norms = None
+        if read.values is not None:
+            assert w_o is not None
+            norms = value_norms(read.values[layer], w_o[layer])
+        per_layer.append(_reduce_rows(layer, pattern, norms, member, source_ranges, options))
+    feats = torch.stack(per_layer, dim=2).cpu()  # [row, source, layer, head]
+    return FeaturePass(feats, None, target_range, None)
 
 
 __all__ = [
