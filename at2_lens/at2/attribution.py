@@ -18,6 +18,7 @@ import torch
 from captum.attr import Attribution
 
 from at2_lens.ablation import FeaturePass, extract_features
+from at2_lens.ablation.user_cache import check_cache_inputs
 from at2_lens.at2.estimator import LinearEstimator, load_estimator_file, model_fingerprint
 from at2_lens.at2.pretrained import default_estimator_for
 from at2_lens.backends import get_backend
@@ -83,6 +84,7 @@ class AT2Attribution(Attribution):
         *,
         per_token: bool = False,
         max_new_tokens: int = 64,
+        cache: Any = None,
     ) -> SourceAttribution:
         """Score every source of ``inputs`` for the target span.
 
@@ -93,10 +95,16 @@ class AT2Attribution(Attribution):
                 response) or a ``(start, end)`` character range; default the task's target or the whole response.
             per_token: also score every target token separately (``result.token_scores``).
             max_new_tokens: generation budget when the response is generated.
+            cache: read the attention from this TransformerLens ``ActivationCache`` of a pass over exactly the
+                task's tokens (``run_with_cache(..., names_filter=at2_lens.cache_filter(model))``), or from a
+                ``CachedPatterns`` around one; no forward pass runs and the scores equal a fresh run's. The task
+                must have a response; see :func:`~at2_lens.ablation.user_cache.cache_filter`.
         """
+        if cache is not None:
+            check_cache_inputs(inputs, cache)
         task = prepare_task(self.backend, inputs, max_new_tokens, target)
         before = self.forward_passes
-        fpass = self._feature_pass(task)
+        fpass = self._feature_pass(task) if cache is None else self._cached_feature_pass(task, cache)
         t_range = task.target_token_range
         assert t_range is not None and task.response is not None and task.target_text is not None
         feats = fpass.features(t_range)
@@ -134,6 +142,15 @@ class AT2Attribution(Attribution):
         while len(self._passes) > _CACHE_SIZE:
             self._passes.popitem(last=False)
         return fpass
+
+    def _cached_feature_pass(self, task: TokenizedTask, cache: Any) -> FeaturePass:
+        """The target's per-row features read from the user's cache: no forward pass, and not kept (the user owns
+        the cache)."""
+        assert task.target_token_range is not None
+        return extract_features(
+            self.backend.model, task.input_ids, list(task.source_token_ranges), task.target_token_range,
+            with_logprobs=False, options=self.estimator.feature_options, cache=cache,
+        )
 
     @property
     def head_weights(self) -> torch.Tensor:

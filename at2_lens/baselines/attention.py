@@ -13,6 +13,7 @@ from captum.attr import Attribution
 
 from at2_lens._validate import check_int
 from at2_lens.ablation import extract_features
+from at2_lens.ablation.user_cache import check_cache_inputs
 from at2_lens.backends import get_backend
 from at2_lens.errors import InputError
 from at2_lens.results import SourceAttribution
@@ -63,13 +64,21 @@ class AverageAttention(Attribution):
         *,
         per_token: bool = False,
         max_new_tokens: int = 64,
+        cache: Any = None,
     ) -> SourceAttribution:
-        """Score every source of ``inputs`` for the target (one forward pass over prompt + response)."""
+        """Score every source of ``inputs`` for the target (one forward pass over prompt + response).
+
+        With ``cache`` (a TransformerLens ``ActivationCache`` of a pass over exactly the task's tokens, e.g.
+        ``run_with_cache(..., names_filter=at2_lens.cache_filter(model))``, or a ``CachedPatterns``) the attention is
+        read from it and no forward pass runs; the task must then have a response.
+        """
+        if cache is not None:
+            check_cache_inputs(inputs, cache)
         task = prepare_task(self.backend, inputs, max_new_tokens, target)
         t_range = task.target_token_range
         assert t_range is not None
         fpass = extract_features(self.backend.model, task.input_ids, list(task.source_token_ranges), t_range,
-                                 with_logprobs=False)
+                                 with_logprobs=False, cache=cache)
         rows = fpass.row_features[:, :, self.layers]  # [target, source, layer, head]
         scores = rows.mean(dim=0).mean(dim=(-2, -1))
         token_scores = target_tokens = None
@@ -77,7 +86,7 @@ class AverageAttention(Attribution):
             token_scores = rows.mean(dim=(-2, -1))
             target_tokens = task.target_tokens(self.backend.tokenizer)
         return SourceAttribution.from_task(
-            task, scores, method=self.name, units="attention mass (mean over heads)", forward_passes=1,
+            task, scores, method=self.name, units="attention mass (mean over heads)", forward_passes=int(cache is None),
             token_scores=token_scores, target_tokens=target_tokens, layers=list(self.layers),
         )
 
