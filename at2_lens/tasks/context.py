@@ -182,6 +182,85 @@ class TokenizedTask:
         t0, t1 = self.target_token_range
         return tuple(tokenizer.decode([int(i)]) for i in self.input_ids[t0:t1])
 
+    @classmethod
+    def from_tokens(
+        cls,
+        tokens: Tensor | Sequence[int],
+        sources: Sequence[Sequence[int]],
+        target: Sequence[int],
+        *,
+        tokenizer: Any,
+        response_start: int | None = None,
+        max_length: int | None = None,
+    ) -> TokenizedTask:
+        """A task over a token sequence you built yourself (your own prompt format), from token ranges.
+
+        Every method's ``attribute`` takes the result as it takes a tokenized ``ContextTask``; for the same tokens
+        and ranges the scores are the same. Ranges are half-open ``(start, end)`` positions in ``tokens``; all are
+        checked here, before any model work.
+
+        Args:
+            tokens: the whole sequence, prompt then response: 1-D token ids (a ``[1, pos]`` tensor or a list works).
+            sources: one token range per source: non-empty, inside the sequence, in order and not overlapping.
+            target: the token range to attribute: non-empty, inside the sequence, after every source.
+            tokenizer: the model's tokenizer (decodes the texts of sources, target and response for the result).
+            response_start: where the response begins (default: the target's start): tokens before it are the
+                prompt, tokens from it on the response (``target`` must lie inside the response, every source
+                before it).
+            max_length: the model's context size; a longer sequence raises InputError.
+        """
+        ids = _token_list(tokens)
+        n = len(ids)
+        _check_length(n, 0, max_length)
+        vocab = len(tokenizer) if hasattr(tokenizer, "__len__") else None
+        if vocab is not None and (min(ids) < 0 or max(ids) >= vocab):
+            raise InputError(f"tokens: ids must lie in [0, {vocab}) (the tokenizer's vocabulary), got values in "
+                             f"[{min(ids)}, {max(ids)}]")
+        if isinstance(sources, str | bytes) or not isinstance(sources, Sequence) or not sources:
+            raise InputError(f"sources: expected a non-empty list of (start, end) token ranges, got {sources!r}")
+        ranges = [_token_range(s, f"sources[{i}]", n) for i, s in enumerate(sources)]
+        for i in range(1, len(ranges)):
+            if ranges[i][0] < ranges[i - 1][1]:
+                raise InputError(f"sources[{i}]: {ranges[i]} overlaps or precedes sources[{i - 1}] {ranges[i - 1]}; "
+                                 "sources must be in order and not overlap")
+        t0, t1 = _token_range(target, "target", n)
+        last = ranges[-1][1]
+        if t0 < last:
+            raise InputError(f"target: ({t0}, {t1}) must come after every source (the last ends at {last})")
+        if response_start is None:
+            response_start = t0
+        if not _is_int(response_start) or not last <= operator.index(response_start) <= t0:
+            raise InputError(f"response_start: expected an int in [{last}, {t0}] (after the sources, at or before "
+                             f"the target), got {response_start!r}")
+        p = operator.index(response_start)
+        prompt, offsets = offsets_from_ids(tokenizer, ids[:p])
+        spans: list[Span] = []
+        for i, (a, b) in enumerate(ranges):
+            chars = [o for o in offsets[a:b] if o[1] > o[0]]
+            # a character split over two sources' tokens (byte-level tokenizers) goes to the earlier source
+            start = max(min((c0 for c0, _ in chars), default=0), spans[-1][1] if spans else 0)
+            end = max((c1 for _, c1 in chars), default=0)
+            if start >= end:
+                raise InputError(f"sources[{i}]: tokens ({a}, {b}) decode to no text of their own")
+            spans.append((start, end))
+        cs, ce = spans[0][0], spans[-1][1]
+        context = prompt[cs:ce]
+        task = cls(
+            input_ids=torch.tensor(ids[:p], dtype=torch.long),
+            prompt=prompt,
+            prompt_len=p,
+            response=None,
+            offsets=tuple(offsets),
+            context=context,
+            context_start=cs,
+            granularity="custom",
+            source_spans=tuple((a - cs, b - cs) for a, b in spans),
+            source_texts=tuple(prompt[a:b] for a, b in spans),
+            source_token_ranges=tuple(ranges),
+        )
+        return task.with_response(tokenizer, ids[p:], target=TargetSpan(t0 - p, t1 - p, "token"),
+                                  max_length=max_length)
+
     def with_target(
         self, char_range: Sequence[int] | None = None, token_range: Sequence[int] | None = None
     ) -> TokenizedTask:
@@ -487,6 +566,34 @@ class ContextTask:
 
 
 # ------------------------------------------------------------------------------------------------------------
+
+
+def _token_list(tokens: object) -> list[int]:
+    """Token ids as a list of ints: a 1-D (or ``[1, pos]``) integer tensor or a sequence of ints, not empty."""
+    if isinstance(tokens, Tensor):
+        if tokens.dim() == 2 and tokens.shape[0] == 1:
+            tokens = tokens[0]
+        if tokens.dim() != 1 or tokens.dtype not in (torch.int64, torch.int32):
+            raise InputError(f"tokens: expected 1-D integer token ids (or [1, pos]), got {tokens.dtype} "
+                             f"{tuple(tokens.shape)}")
+        tokens = tokens.tolist()
+    if isinstance(tokens, str | bytes) or not isinstance(tokens, Sequence) or not all(_is_int(t) for t in tokens):
+        raise InputError(f"tokens: expected a sequence of token ids, got {type(tokens).__name__}")
+    if not tokens:
+        raise InputError("tokens: expected at least one token")
+    return [operator.index(t) for t in tokens]
+
+
+def _token_range(value: object, name: str, n: int) -> Span:
+    """A non-empty half-open ``(start, end)`` token range inside ``n`` tokens; errors name ``name``."""
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence) or len(value) != 2 \
+            or not all(_is_int(x) for x in value):
+        raise InputError(f"{name}: expected a (start, end) pair of token positions, got {value!r}")
+    a, b = (operator.index(x) for x in value)
+    if not 0 <= a < b <= n:
+        raise InputError(f"{name}: expected 0 <= start < end <= {n} (a non-empty range inside the {n} tokens), "
+                         f"got ({a}, {b})")
+    return a, b
 
 
 def _check_text(value: object, name: str) -> None:
