@@ -16,6 +16,9 @@ _EXPORTS: dict[str, str] = {
     "Backend": "at2_lens.backends",
     "ContextTask": "at2_lens.tasks",
     "TargetSpan": "at2_lens.tasks",
+    "TokenizedTask": "at2_lens.tasks",
+    "cache_filter": "at2_lens.ablation.user_cache",
+    "CachedPatterns": "at2_lens.ablation.user_cache",
     "AT2Attribution": "at2_lens.at2.attribution",
     "AT2Refined": "at2_lens.at2.refined",
     "load_estimator": "at2_lens.at2.pretrained",
@@ -40,6 +43,7 @@ __all__ = [
     "AttAttrResult",
     "AttentionAttribution",
     "Backend",
+    "CachedPatterns",
     "CaptumLM",
     "ContextTask",
     "LinearEstimator",
@@ -47,9 +51,11 @@ __all__ = [
     "SelfAttentionAttribution",
     "SourceAttribution",
     "TargetSpan",
+    "TokenizedTask",
     "__version__",
     "ablate_heads",
     "ablate_heads_hooks",
+    "cache_filter",
     "evaluate",
     "get_backend",
     "knockout_sources",
@@ -71,6 +77,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from at2_lens.ablation.user_cache import CachedPatterns, cache_filter
     from at2_lens.at2.attribution import AT2Attribution
     from at2_lens.at2.estimator import LinearEstimator
     from at2_lens.at2.pretrained import load_estimator
@@ -82,4 +89,4 @@ if TYPE_CHECKING:
     from at2_lens.interop import CaptumLM, to_llm_attribution_result
     from at2_lens.models import load_model
     from at2_lens.results import SourceAttribution
-    from at2_lens.tasks import ContextTask, TargetSpan
+    from at2_lens.tasks import ContextTask, TargetSpan, TokenizedTask

@@ -233,7 +233,7 @@ def read_cached_patterns(
 
 def _has(store: Any, name: str) -> bool:
     try:
-        return name in store.keys()
+        return name in store
     except Exception:  # a mapping that cannot answer holds nothing we can read
         return False
 

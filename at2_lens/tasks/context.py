@@ -203,7 +203,8 @@ class TokenizedTask:
             tokens: the whole sequence, prompt then response: 1-D token ids (a ``[1, pos]`` tensor or a list works).
             sources: one token range per source: non-empty, inside the sequence, in order and not overlapping.
             target: the token range to attribute: non-empty, inside the sequence, after every source.
-            tokenizer: the model's tokenizer (decodes the texts of sources, target and response for the result).
+            tokenizer: the model's tokenizer: decodes the texts of the response, the target and each source (its
+                tokens' text without surrounding whitespace) for the result.
             response_start: where the response begins (default: the target's start): tokens before it are the
                 prompt, tokens from it on the response (``target`` must lie inside the response, every source
                 before it).
@@ -242,6 +243,9 @@ class TokenizedTask:
             end = max((c1 for _, c1 in chars), default=0)
             if start >= end:
                 raise InputError(f"sources[{i}]: tokens ({a}, {b}) decode to no text of their own")
+            text = prompt[start:end]
+            if text.strip():  # the source's text without the spaces its tokens carry (e.g. a leading "Ġ")
+                start, end = start + len(text) - len(text.lstrip()), end - (len(text) - len(text.rstrip()))
             spans.append((start, end))
         cs, ce = spans[0][0], spans[-1][1]
         context = prompt[cs:ce]
