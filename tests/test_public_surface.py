@@ -48,6 +48,13 @@ def test_every_public_name_imports(name: str) -> None:
     assert namespace[name] is obj
 
 
+def test_user_cache_and_own_tokens_names_are_public() -> None:
+    """Issue #18: attribution from the user's cache and from the user's own tokens is reachable from ``at2_lens``."""
+    for name in ("cache_filter", "CachedPatterns", "TokenizedTask"):
+        assert name in at2_lens.__all__
+    assert callable(at2_lens.TokenizedTask.from_tokens)
+
+
 def test_star_import_gives_all() -> None:
     assert len(set(at2_lens.__all__)) == len(at2_lens.__all__)
     namespace: dict[str, object] = {}

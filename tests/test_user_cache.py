@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 import torch
 
-import at2_lens
 from at2_lens import AT2Attribution, CachedPatterns, ContextTask, TargetSpan, TokenizedTask, cache_filter
 from at2_lens.ablation import FeatureOptions, extract_features
 from at2_lens.at2.estimator import LinearEstimator, model_fingerprint
@@ -214,12 +213,6 @@ def test_from_tokens_refuses_bad_ranges_before_any_pass(model: Any) -> None:
         kwargs: dict[str, Any] = {"tokens": ids, "sources": list(tt.source_token_ranges), "target": (t0, t1),
                                   "tokenizer": tok, **change}
         fails_before_work(InputError, name, lambda kw=kwargs: at2.attribute(TokenizedTask.from_tokens(**kw)))
-
-
-def test_public_names() -> None:
-    for name in ("cache_filter", "CachedPatterns", "TokenizedTask"):
-        assert name in at2_lens.__all__
-    assert at2_lens.TokenizedTask is TokenizedTask
 
 
 # ------------------------------------------------------------------------------------------------------ real
