@@ -62,7 +62,7 @@ def cache_filter(model: Any, options: FeatureOptions | None = None) -> list[str]
     return names
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds tensors: compared by identity
 class CachedPatterns:
     """A TransformerLens ``ActivationCache`` (or any mapping from hook names to tensors) and how to read it.
 
