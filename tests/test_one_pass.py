@@ -120,6 +120,10 @@ def test_generate_greedy_still_checks_on_its_own(tiny_llama: Any) -> None:
 @pytest.mark.real
 def test_smollm2_generated_response_costs_one_pass(smollm2: Any) -> None:
     task = ContextTask(context=CONTEXT, query="What is the capital of France?", response=None, sources="sentence")
+    backend = get_backend(smollm2)
+    backend.generate_greedy(task.tokenize(backend.tokenizer).input_ids, max_new_tokens=8)  # settles the cache's fate
     res, one, two = _one_pass_vs_two(smollm2, task, max_new_tokens=8)
-    assert (one, two) == (1, 2) and res.extra["forward_passes"] == 1
+    # where cached decoding is broken (TL 4.3 bridges under transformers 5.24) nothing is left to check: 1 and 1
+    assert (one, two) == (1, 1 if backend.facts.cached_generation_broken else 2)
+    assert res.extra["forward_passes"] == 1
     assert "Paris" in (res.task.response or "")
