@@ -38,3 +38,8 @@ class NumericalError(At2LensError, FloatingPointError):
 
 class DatasetNotFoundError(At2LensError, FileNotFoundError):
     """A local data file (e.g. SST-2 train outside a checkout) is missing; the message says where it was looked for."""
+
+
+class OptionalDependencyError(At2LensError, ImportError):
+    """A feature needs a package from one of at2_lens's extras that is not installed; the message names the feature,
+    the package and the ``pip install 'at2_lens[extra]'`` command."""
