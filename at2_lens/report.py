@@ -1,4 +1,5 @@
-"""Self-contained HTML reports: the highlighted attribution plus the estimator's per-head weights heatmap."""
+"""Self-contained HTML reports: query, response with the target marked (per-token scores on hover), the
+highlighted context and the estimator's per-head weights heatmap."""
 
 from __future__ import annotations
 
@@ -34,12 +35,18 @@ def write_report(
     path: str | Path, result: SourceAttribution, head_weights: Tensor | None = None, *, title: str = "at2_lens",
     query: str | None = None,
 ) -> Path:
-    """Write an HTML report (atomically) and return its path."""
+    """Write a self-contained HTML report (atomically; no script, no external request) and return its path.
+
+    The page shows the query (``query``, else the one recorded with the result's task; a note when neither is
+    known), the whole response with the target marked, each target token's own scores on hover when per-token
+    scores were computed (``attribute(..., per_token=True)``), the context shaded by source score, the top sources,
+    and ``head_weights`` as a heatmap when given.
+    """
     body = [f"<h1>{html.escape(title)}</h1>"]
-    if query:
-        body.append(f'<p><b>Query:</b> <span class="at2-query">{html.escape(query)}</span></p>')
-    body.append(f'<p><b>Response:</b> <span class="at2-response">{html.escape(result.response)}</span></p>')
-    body.append(result.to_html(top=min(10, result.n_sources)))
+    query = query if query is not None else result.query
+    if query is None:
+        body.append('<p><b>Query:</b> <i class="at2-query-missing">(not recorded with this result)</i></p>')
+    body.append(result.to_html(top=min(10, result.n_sources), query=query))
     if head_weights is not None:
         body.append(head_heatmap_html(head_weights))
     page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>"

@@ -38,6 +38,12 @@ if TYPE_CHECKING:
     from rich.text import Text
 
 
+def _preview(text: str, n: int = 40) -> str:
+    """``text`` on one line, cut to ``n`` characters."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= n else flat[: n - 1] + "…"
+
+
 @dataclass(frozen=True)
 class SourceAttribution:
     """Per-source scores for one target span of one response.
@@ -54,6 +60,7 @@ class SourceAttribution:
         task: the tokenized task the scores belong to (prompt, response, token ranges), when known.
         model_fingerprint: the model the scores came from (``at2_lens.at2.estimator.model_fingerprint``), when known
             (set by ``save(path, model=...)`` and kept by ``load``).
+        query: the query the response answers, when known (taken from the task).
     """
 
     scores: Float[Tensor, " source"]
@@ -69,6 +76,7 @@ class SourceAttribution:
     extra: dict[str, Any] = field(default_factory=dict)
     task: TokenizedTask | None = None
     model_fingerprint: dict[str, Any] | None = None
+    query: str | None = None
 
     @classmethod
     def from_task(
@@ -104,6 +112,7 @@ class SourceAttribution:
             target_tokens=target_tokens,
             extra={"forward_passes": int(forward_passes), "backward_passes": int(backward_passes), **extra},
             task=task,
+            query=task.query,
         )
 
     def __post_init__(self) -> None:
@@ -171,6 +180,7 @@ class SourceAttribution:
             "extra": extra, "extra_tensors": sorted(extra_tensors),
             "task": None if self.task is None else _task_meta(self.task),
             "model_fingerprint": fingerprint,
+            "query": self.query,
         }
         return write_result(path, RESULT_FORMAT, RESULT_FORMAT_VERSION, tensors, meta)
 
@@ -199,7 +209,7 @@ class SourceAttribution:
                 target_text=meta["target_text"], response=meta["response"], method=meta["method"],
                 units=meta["units"], token_scores=tensors.get("token_scores"),
                 target_tokens=None if target_tokens is None else tuple(target_tokens), extra=extra, task=task,
-                model_fingerprint=meta["model_fingerprint"],
+                model_fingerprint=meta["model_fingerprint"], query=_optional_str(meta.get("query"), "query"),
             )
         except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
             raise ResultFileError(f"{path}: inconsistent SourceAttribution file ({type(exc).__name__}: {exc})"
@@ -226,8 +236,96 @@ class SourceAttribution:
             pieces.append((self.context[pos:], None))
         return pieces
 
-    def to_html(self, top: int = 5) -> str:
-        """Self-contained HTML: the context with sources shaded by score, then the target and the top sources."""
+    def target_char_range(self) -> Span | None:
+        """The target's characters in ``response``: the task's range, else the target's first occurrence, else
+        None."""
+        if self.task is not None and self.task.target_char_range is not None and self.task.response == self.response:
+            return self.task.target_char_range
+        start = self.response.find(self.target_text)
+        return None if start < 0 or not self.target_text else (start, start + len(self.target_text))
+
+    def _token_char_ranges(self, target: Span) -> list[Span] | None:
+        """Each target token's characters in ``response`` (clipped to ``target``), where they can be known: from the
+        task's token offsets, else from ``target_tokens`` when they spell the target exactly; else None."""
+        if self.token_scores is None:
+            return None
+        n = int(self.token_scores.shape[0])
+        c0, c1 = target
+        task = self.task
+        if task is not None and task.target_token_range is not None and task.response == self.response:
+            t0, t1 = task.target_token_range
+            if t1 - t0 == n:
+                shift = len(task.prompt)
+                return [(max(s - shift, c0), min(e - shift, c1)) for s, e in task.offsets[t0:t1]]
+        if self.target_tokens is not None and len(self.target_tokens) == n and "".join(self.target_tokens) == (
+            self.response[c0:c1]
+        ):
+            out, pos = [], c0
+            for tok in self.target_tokens:
+                out.append((pos, pos + len(tok)))
+                pos += len(tok)
+            return out
+        return None
+
+    def _token_title(self, k: int, top: int = 3) -> str:
+        """Hover text of target token ``k``: its text and its ``top`` highest-scoring sources."""
+        assert self.token_scores is not None
+        row = self.token_scores[k]
+        label = repr(self.target_tokens[k]) if self.target_tokens is not None else ""
+        best = rank(row)[:top]
+        lines = [f"token {k} {label}".rstrip() + f" ({self.units})"]
+        lines += [f"source {i}: {float(row[i]):.4g} ({_preview(self.source_texts[i])})" for i in best]
+        return "\n".join(lines)
+
+    def _token_span(self, text: str, tokens: list[int]) -> str:
+        assert self.token_scores is not None
+        title = "\n".join(self._token_title(k) for k in tokens)
+        scores = ";".join(" ".join(f"{float(v):.6g}" for v in self.token_scores[k]) for k in tokens)
+        return (f'<span class="at2-token" data-tokens="{" ".join(map(str, tokens))}" data-scores="{scores}" '
+                f'title="{html.escape(title)}" style="border-bottom:1px dotted #555;cursor:help">'
+                f"{html.escape(text)}</span>")
+
+    def response_html(self) -> str:
+        """The whole response with the target marked; with per-token scores, each target token carries its
+        scores as hover text (a ``title``), so the page needs no script or external resource."""
+        target = self.target_char_range()
+        if target is None:
+            return f'<span class="at2-response" style="white-space:pre-wrap">{html.escape(self.response)}</span>'
+        c0, c1 = target
+        inner: list[str] = []
+        spans = self._token_char_ranges(target)
+        if spans is None:
+            inner.append(html.escape(self.response[c0:c1]))
+        else:
+            groups: list[tuple[int, int, list[int]]] = []  # (start, end, target tokens shown there)
+            pos, pending = c0, list[int]()
+            for k, (a, b) in enumerate(spans):
+                a = max(a, pos)
+                if b <= a:  # a token with no characters of its own here (e.g. part of one character): shown
+                    pending.append(k)  # with its neighbour
+                    continue
+                groups.append((a, b, [*pending, k]))
+                pending, pos = [], b
+            if pending and groups:
+                a, b, ks = groups[-1]
+                groups[-1] = (a, b, [*ks, *pending])
+            elif pending:
+                groups.append((c0, c1, pending))
+            pos = c0
+            for a, b, ks in groups:
+                inner.append(html.escape(self.response[pos:a]))
+                inner.append(self._token_span(self.response[a:b], ks))
+                pos = b
+            inner.append(html.escape(self.response[pos:c1]))
+        mark = (f'<mark class="at2-target" title="{html.escape("target: " + self.target_text)}" '
+                f'style="background:#fff3a0;padding:0 1px">{"".join(inner)}</mark>')
+        return (f'<span class="at2-response" style="white-space:pre-wrap">{html.escape(self.response[:c0])}{mark}'
+                f"{html.escape(self.response[c1:])}</span>")
+
+    def to_html(self, top: int = 5, *, query: str | None = None) -> str:
+        """Self-contained HTML: the query (``query``, else the task's, when known), the whole response with the
+        target marked (per-token scores on hover when computed), the context with sources shaded by score, and the
+        top sources."""
         weights = self._weights()
         parts = []
         for text, i in self._pieces():
@@ -244,10 +342,19 @@ class SourceAttribution:
         rows = "".join(
             f"<tr><td>{i}</td><td>{s:.4g}</td><td>{html.escape(t)}</td></tr>" for i, t, s in self.top_k(top)
         )
+        query = query if query is not None else self.query
+        marked = self.target_char_range() is not None
+        head = (f"<p><b>Method:</b> {html.escape(self.method)} &middot; <b>Target:</b> "
+                f'<span class="{"at2-target-text" if marked else "at2-target"}">{html.escape(self.target_text)}'
+                "</span></p>")
+        if query is not None:
+            head += f'<p><b>Query:</b> <span class="at2-query">{html.escape(query)}</span></p>'
+        head += f"<p><b>Response:</b> {self.response_html()}</p>"
+        if self._token_char_ranges(self.target_char_range() or (0, 0)) is not None:
+            head += '<p class="at2-token-hint" style="font-size:smaller">Hover a target token for its own scores.</p>'
         return (
             '<div class="at2-lens-result" style="font-family:sans-serif;line-height:1.6">'
-            f"<p><b>Method:</b> {html.escape(self.method)} &middot; <b>Target:</b> "
-            f'<span class="at2-target">{html.escape(self.target_text)}</span></p>'
+            f"{head}"
             f'<div class="at2-context" style="white-space:pre-wrap;border:1px solid #ddd;padding:8px">'
             f"{''.join(parts)}</div>"
             f'<table class="at2-top"><tr><th>source</th><th>score ({html.escape(self.units)})</th><th>text</th></tr>'
@@ -289,11 +396,18 @@ def _span(value: Any) -> Span:
     return (a, b)
 
 
+def _optional_str(value: Any, name: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"{name} is {value!r}, expected a string or null")
+    return value
+
+
 def _task_meta(task: TokenizedTask) -> dict[str, Any]:
     """Everything of a tokenized task but its token ids, as JSON."""
     meta: dict[str, Any] = {name: getattr(task, name) for name in _TASK_PLAIN_FIELDS}
     meta.update({name: [list(s) for s in getattr(task, name)] for name in _TASK_SPAN_FIELDS})
     meta["source_texts"] = list(task.source_texts)
+    meta["query"] = task.query
     for name in ("target_char_range", "target_token_range"):
         value = getattr(task, name)
         meta[name] = None if value is None else list(value)
@@ -304,6 +418,7 @@ def _task_from_meta(meta: dict[str, Any], input_ids: Tensor) -> TokenizedTask:
     fields: dict[str, Any] = {name: meta[name] for name in _TASK_PLAIN_FIELDS}
     fields.update({name: tuple(_span(s) for s in meta[name]) for name in _TASK_SPAN_FIELDS})
     fields["source_texts"] = tuple(meta["source_texts"])
+    fields["query"] = _optional_str(meta.get("query"), "task query")  # absent from files written before it existed
     for name in ("target_char_range", "target_token_range"):
         fields[name] = None if meta[name] is None else _span(meta[name])
     if input_ids.dim() != 1 or input_ids.dtype != torch.int64 or len(fields["offsets"]) != input_ids.shape[0]:

@@ -15,6 +15,8 @@ import pytest
 from at2_lens.data import SQUAD_V2_DEV_SUBSET
 from at2_lens.evaluation.squad import is_held_out
 
+pytestmark = pytest.mark.line_independent
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_faithfulness.py"
 CHEAP = ["--model", "tiny", "--small", "--methods", "avg_attention,loo", "--metrics", "lds,kendall_loo",
@@ -228,16 +230,28 @@ def test_unfinished_rescore_is_resumed_and_blocks_plain_runs(tmp_path: Path) -> 
     assert "rescore" not in json.loads(meta_file.read_text())
 
 
+@pytest.fixture(scope="module")
+def one_task_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One finished benchmark run on a one-task file (x.csv + x.json), made once for the refusal cases."""
+    root = tmp_path_factory.mktemp("one_task_run")
+    data = _squad_file(root, 1)
+    proc = _run("--data", str(data), "--out", str(root / "x.csv"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return root
+
+
 @pytest.mark.parametrize(("extra", "needle"), [
     (["--rescore", "at2"], "existing --out"),
     (["--rescore", ",", "--out", "OUT"], "method names"),
     (["--rescore", "contextcite256", "--out", "OUT"], "not among"),
     (["--rescore", "avg_attention", "--out", "OUT", "--tasks", "0:1"], "takes no"),
 ])
-def test_bad_rescore_is_refused_before_the_model_loads(tmp_path: Path, extra: list[str], needle: str) -> None:
-    data = _squad_file(tmp_path, 1)
+def test_bad_rescore_is_refused_before_the_model_loads(one_task_run: Path, tmp_path: Path, extra: list[str],
+                                                      needle: str) -> None:
+    data = one_task_run / "squad.json"
     out = tmp_path / "x.csv"
-    assert _run("--data", str(data), "--out", str(out)).returncode == 0
+    for suffix in (".csv", ".json"):  # each case gets its own copy of the finished run
+        out.with_suffix(suffix).write_bytes((one_task_run / "x").with_suffix(suffix).read_bytes())
     before = out.read_bytes()
     proc = _run("--data", str(data), *[str(out) if a == "OUT" else a for a in extra])
     assert proc.returncode != 0 and needle in proc.stderr, proc.stderr[-1000:]

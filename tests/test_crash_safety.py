@@ -23,6 +23,8 @@ from at2_lens.files import temp_path_for
 from at2_lens.models.tiny import save_tiny
 from at2_lens.tasks import ContextTask
 
+pytestmark = pytest.mark.line_independent
+
 ROOT = Path(__file__).resolve().parents[1]
 N_TASKS = 32
 

@@ -22,6 +22,8 @@ from at2_lens.distributed import DataParallel
 from at2_lens.errors import InputError
 from at2_lens.models.tiny import save_tiny
 
+pytestmark = pytest.mark.line_independent
+
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_ARGS = ["--methods", "at2,avg_attention,loo", "--metrics", "lds,topk_drop,kendall_loo", "--n-eval-masks", "6",
              "--ks", "1,2", "--device", "cpu", "--quiet"]

@@ -58,8 +58,9 @@ def test_source_attribution_round_trip(at2_result: tuple[AT2Attribution, SourceA
     for name in ("scores", "token_scores"):
         _same_tensor(getattr(loaded, name), getattr(result, name))
     for name in ("source_texts", "source_spans", "context", "target_text", "response", "method", "units",
-                 "target_tokens"):
+                 "target_tokens", "query"):
         assert getattr(loaded, name) == getattr(result, name), name
+    assert loaded.query is not None and loaded.task is not None and loaded.task.query == loaded.query
     assert loaded.model_fingerprint == model_fingerprint(get_backend(tiny_llama))
     assert set(loaded.extra) == set(result.extra)
     _same_tensor(loaded.extra["weights"], result.extra["weights"])

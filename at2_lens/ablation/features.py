@@ -125,12 +125,15 @@ class FeaturePass:
 
     ``row_features[t, s, l, h]`` is head ``(l, h)``'s attention from the row producing target token ``t`` to
     source ``s``; averaging over any subset of rows gives the AT2 features of that sub-span, with no new pass.
+    ``greedy_tokens`` are the model's own next-token choices at those rows, so the same pass can check that a
+    generated target is the greedy continuation (``Backend.confirm_greedy``).
     """
 
     row_features: Float[Tensor, "target source layer head"]
     token_logprobs: Float[Tensor, " target"] | None
     target_range: Span
     row_weights: Float[Tensor, " target"] | None = None  # None: uniform (AT2's mean over target rows)
+    greedy_tokens: Int[Tensor, " target"] | None = None  # argmax of the target rows' logits (causal models)
 
     def features(self, sub_range: Span | None = None) -> Float[Tensor, "source layer head"]:
         """AT2 features of the whole target, or of a token sub-range ``[a, b)`` (absolute positions) of it."""
@@ -213,14 +216,16 @@ def extract_features(
         hooks.append((backend.pattern_hook(layer), make_hook(layer)))
     logits = backend.run(ids, hooks)
     feats = torch.stack([p for p in per_layer if p is not None], dim=2).cpu()  # [row, source, layer, head]
-    logprobs = weights = None
+    logprobs = weights = greedy = None
+    if causal:
+        greedy = logits[0, rows].argmax(dim=-1).cpu()
     if (with_logprobs or options.target_weighting != "uniform") and causal:
         t0, t1 = target_range
         lp = torch.log_softmax(logits[0, rows].float(), dim=-1)
         logprobs = lp.gather(-1, ids[0, t0:t1, None].to(lp.device))[:, 0].cpu()
         entropy = -(lp.exp() * lp).sum(dim=-1).cpu() if options.target_weighting == "entropy" else None
         weights = target_row_weights(options.target_weighting, logprobs, entropy)
-    return FeaturePass(feats, logprobs if with_logprobs else None, target_range, weights)
+    return FeaturePass(feats, logprobs if with_logprobs else None, target_range, weights, greedy)
 
 
 

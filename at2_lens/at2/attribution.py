@@ -3,7 +3,9 @@
 Cohen-Wang, Chuang, Madry (2025), "Learning to Attribute with Attention". A linear estimator over per-head
 attention features predicts how much ablating each source would change the target; once trained, attributing
 costs one forward pass over prompt + response (the one that reads the features), and attributing another span of
-the same response costs none (the pass is cached; the result then reports 0 forward passes).
+the same response costs none (the pass is cached; the result then reports 0 forward passes). A response the model
+generates costs the generation plus that same single pass: the feature pass also checks the KV-cached greedy
+decoding (see ``Backend.generate_greedy``), which would otherwise take a pass of its own.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from at2_lens.at2.pretrained import default_estimator_for
 from at2_lens.backends import get_backend
 from at2_lens.errors import InputError, NumericalError
 from at2_lens.results import SourceAttribution
-from at2_lens.tasks import ContextTask, TargetSpan, TokenizedTask, prepare_task
+from at2_lens.tasks import ContextTask, TargetSpan, TokenizedTask, prepare_task, prepare_task_unchecked
 
 _CACHE_SIZE = 8
 
@@ -100,11 +102,13 @@ class AT2Attribution(Attribution):
                 ``CachedPatterns`` around one; no forward pass runs and the scores equal a fresh run's. The task
                 must have a response; see :func:`~at2_lens.ablation.user_cache.cache_filter`.
         """
-        if cache is not None:
-            check_cache_inputs(inputs, cache)
-        task = prepare_task(self.backend, inputs, max_new_tokens, target)
         before = self.forward_passes
-        fpass = self._feature_pass(task) if cache is None else self._cached_feature_pass(task, cache)
+        if cache is None:
+            task, fpass = self._prepared_pass(inputs, target, max_new_tokens)
+        else:
+            check_cache_inputs(inputs, cache)
+            task = prepare_task(self.backend, inputs, max_new_tokens, target)
+            fpass = self._cached_feature_pass(task, cache)
         t_range = task.target_token_range
         assert t_range is not None and task.response is not None and task.target_text is not None
         feats = fpass.features(t_range)
@@ -122,6 +126,23 @@ class AT2Attribution(Attribution):
             units=self.estimator.units, forward_passes=self.forward_passes - before,
             token_scores=token_scores, target_tokens=target_tokens,
         )
+
+    def _prepared_pass(
+        self, inputs: ContextTask | TokenizedTask, target: TargetSpan | Sequence[int] | None, max_new_tokens: int
+    ) -> tuple[TokenizedTask, FeaturePass]:
+        """The prepared task and its feature pass. A response generated here with the KV cache is checked against
+        the feature pass's own logits (one pass for both); if cached decoding proves wrong, the response is generated
+        again without the cache (``Backend.generate_greedy``'s fallback) and read in a new pass."""
+        task, unchecked = prepare_task_unchecked(self.backend, inputs, max_new_tokens, target)
+        fpass = self._feature_pass(task)
+        if not unchecked:
+            return task, fpass
+        r0, r1 = task.response_token_range or (0, 0)
+        assert fpass.greedy_tokens is not None and fpass.target_range == (r0, r1)
+        if self.backend.confirm_greedy(task.input_ids[r0:r1], fpass.greedy_tokens, stacklevel=3):
+            return task, fpass
+        task = prepare_task(self.backend, inputs, max_new_tokens, target)  # the cache is now known broken
+        return task, self._feature_pass(task)
 
     def _feature_pass(self, task: TokenizedTask) -> FeaturePass:
         """The cached per-row features of the whole response, computing them on first use."""

@@ -32,6 +32,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from at2_lens._optional import require
 from at2_lens._validate import check_choice, check_fraction, check_int
 from at2_lens.attattr.attribution import SelfAttentionAttribution
 from at2_lens.attattr.readouts import OutputFunc, classifier_output_func
@@ -321,12 +322,10 @@ def compare_pruning(
 def plot_pruning(df: pd.DataFrame, path: str | None = None, *, title: str | None = None) -> Figure:
     """Accuracy against the fraction of heads pruned, one line per method; saved to ``path`` if given.
 
-    Uses matplotlib's object-oriented API (no pyplot state), imported only when called.
+    Uses matplotlib's object-oriented API (no pyplot state), imported only when called (extra ``plot``).
     """
-    try:
-        from matplotlib.figure import Figure  # object-oriented API: no pyplot state, no backend switch
-    except ImportError as err:
-        raise ImportError("plot_pruning needs matplotlib: pip install matplotlib") from err
+    # matplotlib's object-oriented API: no pyplot state, no backend switch.
+    Figure = require("matplotlib.figure", "plot", "plotting the head-pruning sweep").Figure
     missing = {"fraction", "accuracy", "method"} - set(df.columns)
     if missing:
         raise InputError(f"df: missing columns {sorted(missing)}")

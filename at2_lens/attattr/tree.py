@@ -14,7 +14,9 @@ Nodes are ``(layer, position)``: token ``position`` as it leaves layer ``layer``
 attributed layer is ``layers[0] - 1``, ``-1`` for the embeddings). The edge ``(below, j) → (l, i)`` says that, in
 layer ``l``, query ``i`` read key ``j``; it points the way information flows (upwards). Where ``layers`` skips
 layers, the edges of layer ``l`` start at the previous attributed layer's row. ``draw_attribution_tree`` draws the
-graph with layers as rows and token positions as columns (needs matplotlib).
+graph with layers as rows and token positions as columns.
+
+networkx (extra ``graph``) and matplotlib (extra ``plot``) are imported only by the functions that need them.
 
 Why a separate function and not a method of the result: the tree needs token texts and a root choice that the
 result does not know, and networkx/matplotlib stay out of the attribution path.
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from at2_lens._optional import require
 from at2_lens._validate import check_int
 from at2_lens.attattr.result import AttAttrResult
 from at2_lens.errors import InputError
@@ -126,8 +129,7 @@ def attribution_tree(
         score, in (threshold, 1]) and ``attribution`` (the raw sum over heads). ``graph.graph`` holds
         ``threshold``, ``layers``, ``rows`` (bottom to top) and ``tokens``.
     """
-    import networkx as nx
-
+    nx = require("networkx", "graph", "building the attribution tree")
     threshold = _check_threshold(threshold)
     raw, norm = layer_scores(result, example)
     n_pos = raw.shape[-1]
@@ -186,10 +188,8 @@ def draw_attribution_tree(graph: nx.DiGraph, ax: Axes | None = None, *, title: s
     Edge width and opacity grow with the normalised score; root nodes are drawn larger. Returns the Axes (a new
     Figure's, sized to the sentence, when ``ax`` is None; save it with ``ax.figure.savefig(path)``).
     """
-    try:
-        from matplotlib.figure import Figure  # object-oriented API: no pyplot state, no backend switch
-    except ImportError as err:  # pragma: no cover - matplotlib is a dependency
-        raise ImportError("draw_attribution_tree needs matplotlib: pip install matplotlib") from err
+    # matplotlib's object-oriented API: no pyplot state, no backend switch.
+    Figure = require("matplotlib.figure", "plot", "drawing the attribution tree").Figure
     for key in ("rows", "tokens", "threshold"):
         if key not in graph.graph:
             raise InputError(f"graph: expected a graph from attribution_tree (graph.graph lacks {key!r})")

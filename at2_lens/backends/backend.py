@@ -376,7 +376,26 @@ class Backend:
         continuation: every new token must be that pass's argmax. Some library combinations break cached decoding
         (TransformerLens 4.3 bridges under transformers 5.24 continue " Paris" with "-------"); then the
         continuation is generated again without the cache, with a warning, and this model skips the cache from then
-        on.
+        on. A caller that runs its own uncached pass over prompt + continuation anyway (AT2's feature pass) uses
+        ``generate_greedy_unchecked`` and ``confirm_greedy`` instead, so that one pass does both jobs.
+        """
+        new, checked = self.generate_greedy_unchecked(input_ids, max_new_tokens)
+        if checked:
+            return new
+        ids = input_ids.reshape(1, -1).to(self.device)
+        if self.confirm_greedy(new, self._greedy_predictions(ids, new), stacklevel=3):
+            return new
+        return self.generate_greedy_unchecked(input_ids, max_new_tokens)[0]  # the cache is now known broken
+
+    @torch.no_grad()
+    def generate_greedy_unchecked(
+        self, input_ids: Int[Tensor, " pos"], max_new_tokens: int = 64
+    ) -> tuple[Int[Tensor, " new"], bool]:
+        """``generate_greedy`` without its checking pass: the new token ids, and whether they are already known to
+        be right (True when generated without the KV cache, because the cache was found broken on this model).
+
+        When the second value is False the caller must check the ids with ``confirm_greedy`` on the argmax of its
+        own uncached forward pass over prompt + continuation, and generate again if that fails.
         """
         if not self.is_causal:
             raise ModelNotSupportedError(f"{self.describe()} is an encoder: it cannot generate a response")
@@ -387,17 +406,33 @@ class Backend:
         if limit < 1:
             raise InputError(f"input_ids: the prompt ({ids.shape[1]} tokens) fills the context window ({self.n_ctx})")
         ids = ids.to(self.device)
-        if not self.facts.cached_generation_broken:
-            new = self._generate(ids, limit, eos, use_cache=True)
-            if self._is_greedy_continuation(ids, new):
-                return new
-            self.facts.cached_generation_broken = True
-            warnings.warn(
-                f"{self.describe()}: greedy decoding with the KV cache disagrees with an uncached forward pass (a "
-                "TransformerLens/transformers incompatibility); generating without the cache from now on (slower, "
-                "correct)", RuntimeWarning, stacklevel=2,
-            )
-        return self._generate(ids, limit, eos, use_cache=False)
+        if self.facts.cached_generation_broken:
+            return self._generate(ids, limit, eos, use_cache=False), True
+        new = self._generate(ids, limit, eos, use_cache=True)
+        # the first new token comes from the prompt's own pass, which the cache does not touch
+        return new, len(new) < 2
+
+    def confirm_greedy(
+        self, new: Int[Tensor, " new"], predicted: Int[Tensor, " new"], *, stacklevel: int = 1
+    ) -> bool:
+        """Whether KV-cached ``new`` is the greedy continuation, given ``predicted``: the argmax of an uncached
+        forward pass over prompt + ``new`` at the rows that produce ``new`` (hooks that only read may be attached).
+
+        On disagreement this model is marked as having broken cached decoding (``generate_greedy`` then skips the
+        cache) and a RuntimeWarning is issued (``stacklevel`` counts from the caller: 1 names the caller's line);
+        the caller generates again.
+        """
+        if predicted.shape != new.shape:
+            raise InputError(f"predicted: expected shape {tuple(new.shape)}, got {tuple(predicted.shape)}")
+        if bool((predicted.cpu() == new.cpu()).all()):
+            return True
+        self.facts.cached_generation_broken = True
+        warnings.warn(
+            f"{self.describe()}: greedy decoding with the KV cache disagrees with an uncached forward pass (a "
+            "TransformerLens/transformers incompatibility); generating without the cache from now on (slower, "
+            "correct)", RuntimeWarning, stacklevel=stacklevel + 1,
+        )
+        return False
 
     def _generate_ids(self, ids: Tensor, limit: int, eos: int | None, *, use_cache: bool) -> Tensor:
         """The model's own greedy generation: prompt ``ids`` [1, pos] followed by up to ``limit`` new ids."""
@@ -413,15 +448,12 @@ class Backend:
                 new = new[: int(stop[0, 0])]
         return new
 
-    def _is_greedy_continuation(self, ids: Tensor, new: Tensor) -> bool:
-        """Whether each token of ``new`` is the argmax of one uncached forward pass over ``ids`` + ``new``."""
-        if len(new) < 2:  # the first new token comes from the prompt's own pass, which the cache does not touch
-            return True
+    def _greedy_predictions(self, ids: Tensor, new: Tensor) -> Tensor:
+        """The argmax of one uncached forward pass over ``ids`` [1, pos] + ``new`` at the rows producing ``new``."""
         full = torch.cat([ids, new[None].to(ids.device)], dim=1)
         logits = self.run(full)
         p = ids.shape[1]
-        predicted = logits[0, p - 1 : p - 1 + len(new)].argmax(dim=-1).cpu()
-        return bool((predicted == new).all())
+        return logits[0, p - 1 : p - 1 + len(new)].argmax(dim=-1).cpu()
 
 
 # -------------------------------------------------------------------------------------------------------- cache

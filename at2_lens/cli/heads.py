@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from at2_lens._optional import require
 from at2_lens._validate import check_int
 from at2_lens.cli._args import add_classifier_args, load_classifier, set_threads
 from at2_lens.errors import InputError
@@ -94,6 +95,8 @@ def cmd_heads(args: argparse.Namespace) -> int:
     for name in ("n_importance", "n_fractions", "n_steps", "batch_size"):
         check_int(f"--{name.replace('_', '-')}", getattr(args, name), minimum=1)
     check_int("--n-eval", args.n_eval, minimum=0)
+    if args.plot:  # optional package: fail before the sweep, not after it
+        require("matplotlib", "plot", "at2-lens heads (the --plot PNG; --plot '' skips it)")
     set_threads(args.threads)
     train_texts, train_labels = load_sst2("train", data_dir=args.data_dir)
     eval_texts, eval_labels = load_sst2("validation", limit=args.n_eval or None, data_dir=args.data_dir)

