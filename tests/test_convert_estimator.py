@@ -341,6 +341,11 @@ def test_not_a_torch_file_is_refused(tmp_path: Path) -> None:
         read_reference_estimator(text)
     with pytest.raises(EstimatorFileError, match="not found"):
         read_reference_estimator(tmp_path / "missing.pt")
+    whole = _write(tmp_path, _layout()).read_bytes()
+    cut = tmp_path / "truncated.pt"
+    cut.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(EstimatorFileError, match=r"damaged or unreadable torch\.save file"):
+        read_reference_estimator(cut)
 
 
 def test_an_at2_lens_estimator_is_not_converted_again(tmp_path: Path) -> None:

@@ -49,8 +49,9 @@ REFERENCE_PACKAGE = "at2 0.0.1 (the AT2 authors' package)"
 REFERENCE_KEYS = ("class", "state_dict", "feature_extractor", "kwargs", "extras")
 REFERENCE_ESTIMATOR_CLASS = "LinearScoreEstimator"
 REFERENCE_FEATURE_CLASS = "AttentionFeatureExtractor"
-# The reference's model_type names (which attention code it runs) and the architecture each one is for.
-REFERENCE_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "phi3": "phi3", "gemma3": "gemma3"}
+# The reference's model_type names (which attention code it runs); each is part of the Hugging Face architecture name
+# of the models it is for (LlamaForCausalLM, Qwen2ForCausalLM, Phi3ForCausalLM, Gemma3ForConditionalGeneration).
+REFERENCE_MODEL_TYPES = ("llama", "qwen2", "phi3", "gemma3")
 _TRAINING_KWARGS = ("normalize", "non_negative", "bias")
 _FEATURE_KWARGS = ("num_layers", "num_heads", "model_type")
 _STATE_KEYS = ("linear.weight", "linear.bias")
@@ -88,13 +89,17 @@ def _load_weights_only(path: Path) -> tuple[Any, bytes]:
     except OSError as exc:
         raise EstimatorFileError(f"cannot read reference estimator file {path}: {exc}") from None
     if sniff_unsafe_format(data) is None:
+        if data[:4] == b"PK\x03\x04":
+            raise _err(path, "a damaged or unreadable torch.save file (a zip archive that cannot be read: truncated?)")
         hint = " (it looks like a safetensors file: already converted?)" if data[8:9] == b"{" else ""
         raise _err(path, f"not a torch.save file{hint}; the AT2 package saves its estimators with torch.save")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about pickle protocols it was not written with
             return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), data
-    except Exception as exc:  # the refusal (UnpicklingError) or a damaged archive: never retried unsafely
+    except Exception as exc:  # the weights_only refusal or a damaged file; never retried unsafely
+        if type(exc).__name__ != "UnpicklingError":
+            raise _err(path, f"a damaged or unreadable torch.save file ({type(exc).__name__}: {exc})") from None
         raise EstimatorFileError(
             f"{path}: refused: torch.load(weights_only=True) would not build its contents ({_refusal_reason(exc)}). "
             "An AT2 score estimator holds only tensors, strings, numbers and dicts; this file holds something else "
@@ -170,7 +175,7 @@ def read_reference_estimator(path: Path | str) -> dict[str, Any]:
     model_type = fkw.get("model_type")
     if model_type is not None and model_type not in REFERENCE_MODEL_TYPES:
         raise _err(path, f"feature_extractor['kwargs']['model_type'] is {model_type!r}, expected None or one of "
-                         f"{sorted(REFERENCE_MODEL_TYPES)}")
+                         f"{list(REFERENCE_MODEL_TYPES)}")
     state = _check_keys(path, "'state_dict'", top["state_dict"], _STATE_KEYS, ("linear.weight",))
     weight = _tensor(path, "state_dict['linear.weight']", state["linear.weight"], (1, n_layers * n_heads))
     bias = None
@@ -223,7 +228,7 @@ def convert_reference_estimator(path: Path | str, model: Any) -> LinearEstimator
         )
     model_type = ref["model_type"]
     arch = str(fingerprint.get("architecture", ""))
-    if model_type is not None and arch and REFERENCE_MODEL_TYPES[model_type] not in arch.lower():
+    if model_type is not None and arch and model_type not in arch.lower():
         raise EstimatorFileError(
             f"{path}: the reference estimator was made for model_type {model_type!r}, but this model's "
             f"architecture is {arch!r}"
