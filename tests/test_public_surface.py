@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, list[str]] = {
     "collect": [*_MODEL, "--tasks", "--store", "--sources", "--mode", "--output", "--n-masks", "--keep-prob", "--seed",
                 "--limit", "--shard-index", "--shard-count", "--batch-size", "--max-new-tokens", "--device"],
     "train": ["--store", "--out", "--held-out", "--steps", "--lr", "--batch-size", "--non-negative", "--seed"],
+    "convert-estimator": [*_MODEL, "--out"],
     "evaluate": [*_MODEL, "--tasks", "--split", "--limit", "--sources", "--methods", "--estimator", "--metrics",
                  "--n-eval-masks", "--ks", "--kendall-k", "--mode", "--output", "--n-permutations",
                  "--adversarial-steps", "--adversarial-layers", "--tolerance", "--seed", "--batch-size",
