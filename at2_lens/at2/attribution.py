@@ -3,7 +3,9 @@
 Cohen-Wang, Chuang, Madry (2025), "Learning to Attribute with Attention". A linear estimator over per-head
 attention features predicts how much ablating each source would change the target; once trained, attributing
 costs one forward pass over prompt + response (the one that reads the features), and attributing another span of
-the same response costs none (the pass is cached; the result then reports 0 forward passes).
+the same response costs none (the pass is cached; the result then reports 0 forward passes). The cache is keyed
+on the tokens, the sources and the model's state (``Backend.state_token``), so casting, moving or editing the
+model in place makes the next call run a fresh pass.
 """
 
 from __future__ import annotations
@@ -119,8 +121,10 @@ class AT2Attribution(Attribution):
         """The cached per-row features of the whole response, computing them on first use."""
         resp = task.response_token_range
         assert resp is not None
+        # keyed also on the model's state: a cast, move or in-place edit of the weights must not reuse old features
+        state = self.backend.state_token()
         key = hashlib.sha256(
-            task.input_ids.numpy().tobytes() + repr((task.source_token_ranges, resp)).encode()
+            task.input_ids.detach().cpu().numpy().tobytes() + repr((task.source_token_ranges, resp, state)).encode()
         ).hexdigest()
         if key in self._passes:
             self._passes.move_to_end(key)
@@ -134,6 +138,11 @@ class AT2Attribution(Attribution):
         while len(self._passes) > _CACHE_SIZE:
             self._passes.popitem(last=False)
         return fpass
+
+    def clear_cache(self) -> None:
+        """Forget the cached feature passes (needed only after editing weights through ``p.data``, which the
+        model-state key cannot see; casts, moves and ordinary in-place edits are noticed)."""
+        self._passes.clear()
 
     @property
     def head_weights(self) -> torch.Tensor:
