@@ -60,6 +60,12 @@ class AT2Attribution(Attribution):
             estimator.check_fingerprint(fingerprint)
         else:
             raise InputError(f"estimator: expected a LinearEstimator, a path or None, got {type(estimator).__name__}")
+        if (estimator.n_layers, estimator.n_heads) != (backend.n_layers, backend.n_heads):
+            # checked now, not after attribute's forward pass (an estimator with an empty fingerprint gets here)
+            raise InputError(
+                f"estimator: its weights are {estimator.n_layers} layers x {estimator.n_heads} heads, but the model "
+                f"has {backend.n_layers} layers x {backend.n_heads} heads"
+            )
         if not backend.is_causal:
             raise InputError("forward_func: AT2 attributes generated responses and needs a causal (decoder) model")
         _ = backend.attention_access  # fails now, with the reason, if attention cannot be read or intervened on
