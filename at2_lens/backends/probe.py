@@ -68,7 +68,8 @@ def _close(a: Tensor, b: Tensor, *, strict: bool = False) -> bool:
 def zero_tolerance(dtype: torch.dtype) -> float:
     """The largest attention weight that still counts as masked for a pattern in ``dtype``: 1e-8 in float32
     and float64, a tenth of an ulp at 1 in float16/bfloat16 (where 1e-8 itself rounds to 0)."""
-    return max(_ZERO, 0.1 * float(torch.finfo(dtype).eps))
+    info = torch.finfo(dtype)
+    return _ZERO if info.bits >= 32 else 0.1 * float(info.eps)
 
 
 def _qk_pattern(base: dict[str, Tensor], causal: bool) -> Tensor:
