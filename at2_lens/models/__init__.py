@@ -6,12 +6,13 @@ checksum-verified); any other string is a Hugging Face model id or a local direc
 
 from __future__ import annotations
 
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 from at2_lens._validate import check_choice
 from at2_lens.errors import InputError
+
+if TYPE_CHECKING:  # torch is imported only when a model is loaded (the CLI's --help must not import it)
+    import torch
 
 BackendChoice = Literal["auto", "hooked", "bridge"]
 """Which TransformerLens class a model is loaded as: ``"hooked"`` (``HookedTransformer``/``HookedEncoder``,
@@ -24,28 +25,30 @@ EMBEDDED = {
 }
 DEFAULT_MODEL = "smollm2"
 
-DTYPE_NAMES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
+DTYPE_NAMES: dict[str, str] = {
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+    "float64": "float64", "fp64": "float64", "double": "float64",
 }
-"""The names ``dtype=`` accepts (``torch.`` prefix optional), and the dtypes they mean."""
-DtypeLike = torch.dtype | str
+"""The names ``dtype=`` accepts (``torch.`` prefix optional), and the ``torch`` dtype each means."""
+DtypeLike = Union["torch.dtype", str]
 
 
 def resolve_dtype(dtype: DtypeLike) -> torch.dtype:
     """A floating ``torch.dtype`` from a dtype or its name (``"bfloat16"``, ``"float16"``, ``"float32"``, …);
     InputError naming ``dtype`` otherwise."""
+    import torch
+
     if isinstance(dtype, torch.dtype):
-        if dtype.is_floating_point and dtype in DTYPE_NAMES.values():
+        if str(dtype).removeprefix("torch.") in DTYPE_NAMES.values():
             return dtype
     elif isinstance(dtype, str):
         key = dtype.strip().lower().removeprefix("torch.")
         if key in DTYPE_NAMES:
-            return DTYPE_NAMES[key]
+            return getattr(torch, DTYPE_NAMES[key])
     raise InputError(
-        f"dtype: expected a floating torch.dtype or one of {sorted(set(DTYPE_NAMES))} "
+        f"dtype: expected a floating torch.dtype or one of {sorted(DTYPE_NAMES)} "
         f"(float32, bfloat16, float16 or float64), got {dtype!r}"
     )
 
@@ -55,7 +58,7 @@ def load_model(
     backend: BackendChoice = "auto",
     *,
     device: str | torch.device = "cpu",
-    dtype: DtypeLike = torch.float32,
+    dtype: DtypeLike = "float32",
     **kwargs: Any,
 ) -> Any:
     """Load a TransformerLens model.
