@@ -28,6 +28,7 @@ from torch import Tensor
 
 from at2_lens._typing import typechecked
 from at2_lens._validate import check_choice
+from at2_lens.ablation.outputs import target_logprobs
 from at2_lens.ablation.positions import check_spans, membership, query_rows
 from at2_lens.ablation.user_cache import read_cached_patterns
 from at2_lens.backends import Backend, get_backend
@@ -221,9 +222,11 @@ def extract_features(
         greedy = logits[0, rows].argmax(dim=-1).cpu()
     if (with_logprobs or options.target_weighting != "uniform") and causal:
         t0, t1 = target_range
-        lp = torch.log_softmax(logits[0, rows].float(), dim=-1)
-        logprobs = lp.gather(-1, ids[0, t0:t1, None].to(lp.device))[:, 0].cpu()
-        entropy = -(lp.exp() * lp).sum(dim=-1).cpu() if options.target_weighting == "entropy" else None
+        logprobs = target_logprobs(logits[0, rows], ids[0, t0:t1]).cpu()
+        entropy = None
+        if options.target_weighting == "entropy":
+            lp = torch.log_softmax(logits[0, rows].float(), dim=-1)
+            entropy = -(lp.exp() * lp).sum(dim=-1).cpu()
         weights = target_row_weights(options.target_weighting, logprobs, entropy)
     return FeaturePass(feats, logprobs if with_logprobs else None, target_range, weights, greedy)
 

@@ -74,8 +74,8 @@ def mask_mode_outputs(
         k = keep[start : start + batch_size]
         batch = ids[None].expand(k.shape[0], -1)
         logits = backend.run(batch, backend.all_layer_pattern_hooks(mask_keys(k)))
-        outs.append(span_output(logits[:, rows], target_ids[None].expand(k.shape[0], -1), output).cpu())
-    return torch.cat(outs)
+        outs.append(span_output(logits[:, rows], target_ids[None].expand(k.shape[0], -1), output))
+    return torch.cat(outs).cpu()  # one copy to the host at the end, not one per batch
 
 
 @torch.no_grad()
@@ -99,8 +99,8 @@ def remove_mode_outputs(
         ids = backend.check_tokens(ids, name="input_ids")[0]
         rows = query_rows((t0, t1), backend.is_causal)
         logits = backend.run(ids[None])
-        outs.append(span_output(logits[:, rows], ids[None, t0:t1], output).cpu())
-    return torch.cat(outs)
+        outs.append(span_output(logits[:, rows], ids[None, t0:t1], output))
+    return torch.cat(outs).cpu()
 
 
 def removal_builder(tokenizer: Any, task: TokenizedTask) -> Callable[[Tensor], tuple[Tensor, Span]]:

@@ -34,13 +34,32 @@ def log1mexp(x: Tensor) -> Tensor:
     return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
+def target_logprobs(
+    logits: Float[Tensor, "*batch vocab"], target_ids: Int[Tensor, "*batch"]
+) -> Float[Tensor, "*batch"]:
+    """``log p(target)`` per row, in float32 on the logits' device, without a float64 copy of the logits.
+
+    ``log p_t = (l_t − m) − log1p(R)`` with ``m`` the row's largest logit and ``R = Σ_{j ≠ argmax} exp(l_j − m)``:
+    the argmax's own term (exactly 1) is kept out of the sum, so a near-certain target's ``log p ≈ −R`` keeps its
+    digits (float32 ``logsumexp`` would round it to 0, and the logit-probability to its clamp). Differentiable.
+    """
+    x = logits.float()
+    top, top_idx = x.max(dim=-1, keepdim=True)
+    rest = torch.exp(x.scatter(-1, top_idx, float("-inf")) - top).sum(dim=-1)
+    idx = target_ids.to(device=logits.device, dtype=torch.long)[..., None]
+    return (x.gather(-1, idx) - top)[..., 0] - torch.log1p(rest)
+
+
 def span_output(
     logits: Float[Tensor, "batch row vocab"], target_ids: Int[Tensor, "batch row"], output: OutputType = "logit_prob"
 ) -> Float[Tensor, " batch"]:
-    """The output of a target span given the logits of the rows that predict it."""
+    """The output of a target span given the logits of the rows that predict it, on the logits' device.
+
+    Per-token log-probabilities come from :func:`target_logprobs` (float32, only the target ids gathered); their sum
+    and the logit-probability are formed in float64 on ``[batch]`` values only.
+    """
     output = check_output_type(output)
-    lp = torch.log_softmax(logits.double(), dim=-1).gather(-1, target_ids[..., None].to(logits.device))[..., 0]
-    log_p = lp.sum(dim=-1)
+    log_p = target_logprobs(logits, target_ids).double().sum(dim=-1)
     if output == "log_prob":
         return log_p.float()
     return (log_p - log1mexp(log_p)).float()
@@ -60,4 +79,5 @@ __all__ = [
     "log1mexp",
     "output_from_logprob",
     "span_output",
+    "target_logprobs",
 ]

@@ -5,7 +5,9 @@ attention features predicts how much ablating each source would change the targe
 costs one forward pass over prompt + response (the one that reads the features), and attributing another span of
 the same response costs none (the pass is cached; the result then reports 0 forward passes). A response the model
 generates costs the generation plus that same single pass: the feature pass also checks the KV-cached greedy
-decoding (see ``Backend.generate_greedy``), which would otherwise take a pass of its own.
+decoding (see ``Backend.generate_greedy``), which would otherwise take a pass of its own. The cache is keyed on the
+tokens, the sources and the model's state (``Backend.state_token``), so casting, moving or editing the model in
+place makes the next call run a fresh pass.
 """
 
 from __future__ import annotations
@@ -61,6 +63,12 @@ class AT2Attribution(Attribution):
             estimator.check_fingerprint(fingerprint)
         else:
             raise InputError(f"estimator: expected a LinearEstimator, a path or None, got {type(estimator).__name__}")
+        if (estimator.n_layers, estimator.n_heads) != (backend.n_layers, backend.n_heads):
+            # checked now, not after attribute's forward pass (an estimator with an empty fingerprint gets here)
+            raise InputError(
+                f"estimator: its weights are {estimator.n_layers} layers x {estimator.n_heads} heads, but the model "
+                f"has {backend.n_layers} layers x {backend.n_heads} heads"
+            )
         if not backend.is_causal:
             raise InputError("forward_func: AT2 attributes generated responses and needs a causal (decoder) model")
         _ = backend.attention_access  # fails now, with the reason, if attention cannot be read or intervened on
@@ -148,8 +156,10 @@ class AT2Attribution(Attribution):
         """The cached per-row features of the whole response, computing them on first use."""
         resp = task.response_token_range
         assert resp is not None
+        # keyed also on the model's state: a cast, move or in-place edit of the weights must not reuse old features
+        state = self.backend.state_token()
         key = hashlib.sha256(
-            task.input_ids.numpy().tobytes() + repr((task.source_token_ranges, resp)).encode()
+            task.input_ids.detach().cpu().numpy().tobytes() + repr((task.source_token_ranges, resp, state)).encode()
         ).hexdigest()
         if key in self._passes:
             self._passes.move_to_end(key)
@@ -172,6 +182,11 @@ class AT2Attribution(Attribution):
             self.backend.model, task.input_ids, list(task.source_token_ranges), task.target_token_range,
             with_logprobs=False, options=self.estimator.feature_options, cache=cache,
         )
+
+    def clear_cache(self) -> None:
+        """Forget the cached feature passes (needed only after editing weights through ``p.data``, which the
+        model-state key cannot see; casts, moves and ordinary in-place edits are noticed)."""
+        self._passes.clear()
 
     @property
     def head_weights(self) -> torch.Tensor:

@@ -109,6 +109,20 @@ def compare_fingerprints(
     return diffs
 
 
+def fingerprint_problem(fingerprint: dict[str, Any]) -> str | None:
+    """Why a non-empty fingerprint cannot identify a model (None if it can, or if it is empty: unchecked).
+
+    Unknown keys are tolerated next to known ones (a later version may add fields), but a fingerprint holding no
+    known key with a value would let every model pass silently, so it is refused.
+    """
+    if fingerprint and not any(fingerprint.get(k) is not None for k in FINGERPRINT_KEYS):
+        return (
+            f"holds none of the known keys {list(FINGERPRINT_KEYS)} (got {sorted(map(str, fingerprint))}), so it "
+            "identifies no model; build it with model_fingerprint(backend), or pass {} for an unchecked estimator"
+        )
+    return None
+
+
 def check_calibration(calibration: Any) -> dict[str, Any] | None:
     """None, or ``{"scale": a > 0, "offset": b, "units": str, ...}`` with finite numbers (other keys: provenance)."""
     if calibration is None:
@@ -159,6 +173,9 @@ class LinearEstimator:
         self.calibration = check_calibration(self.calibration)
         if not isinstance(self.model_fingerprint, dict):
             raise InputError("model_fingerprint must be a dict")
+        problem = fingerprint_problem(self.model_fingerprint)
+        if problem:
+            raise InputError(f"model_fingerprint: {problem}")
         if self.training is not None and not isinstance(self.training, dict):
             raise InputError("training must be a dict or None")
         self.weights = w
@@ -324,6 +341,9 @@ def load_estimator_file(path: Path | str, expected_fingerprint: dict[str, Any] |
     fingerprint = meta.get("model_fingerprint")
     if not isinstance(fingerprint, dict):
         raise _bad(path, "model_fingerprint is missing or not an object")
+    problem = fingerprint_problem(fingerprint)
+    if problem:
+        raise _bad(path, f"model_fingerprint {problem}")
     training = meta.get("training")
     if training is not None and not isinstance(training, dict):
         raise _bad(path, "training summary is not an object")

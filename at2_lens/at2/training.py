@@ -125,8 +125,8 @@ def _mean_lds(packed: _Packed, w: Tensor) -> float:
     if packed.psi.shape[0] == 0:
         return float("nan")
     with torch.no_grad():
-        pred = (packed.psi @ w).numpy()
-    actual = packed.y.numpy()
+        pred = (packed.psi @ w).detach().cpu().numpy()
+    actual = packed.y.detach().cpu().numpy()
     scores = np.full(len(packed.n_masks), np.nan)
     counts = np.asarray(packed.n_masks)
     for m in np.unique(counts):  # one vectorised call per distinct number of masks

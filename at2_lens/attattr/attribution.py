@@ -482,7 +482,8 @@ class SelfAttentionAttribution(Attribution):
             if labels is None:
                 logits = clean_out.logits
                 last = last_real_positions(call.n_rows, call.n_pos, call.mask)
-                predicted = logits[torch.arange(call.n_rows), last.to(logits.device)].argmax(dim=-1)
+                rows = torch.arange(call.n_rows, device=logits.device)
+                predicted = logits[rows, last.to(logits.device)].argmax(dim=-1)
                 labels = row_labels_from_target(
                     None, n_rows=call.n_rows, n_pos=call.n_pos, inputs_1d=call.inputs_1d, causal=backend.is_causal,
                     d_vocab=backend.d_vocab, attention_mask=call.mask, predicted=lambda: predicted,

@@ -93,7 +93,7 @@ def row_labels_from_target(
                 )
             ids = target
         labels = torch.full((n_rows, n_pos), IGNORE_INDEX, dtype=torch.long)
-        labels[torch.arange(n_rows), last] = ids
+        labels[torch.arange(n_rows), last] = ids.to(labels.device)  # a target given on the model's device
     elif target.dim() == labels_rank:
         labels_full = target if not inputs_1d else target[None]
         widths = (n_pos, n_pos + 1) if causal else (n_pos,)

@@ -153,6 +153,24 @@ class Backend:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def state_token(self) -> tuple[Any, ...]:
+        """A cheap token that changes when the model's weights may have: their dtypes and devices, which tensors
+        they are (``id`` and ``data_ptr``, so replaced or moved tensors count), and the sum of their autograd
+        version counters (bumped by in-place edits such as ``p.mul_(2)`` under ``no_grad`` or
+        ``load_state_dict``). Edits through ``p.data`` bypass the version counter and are not seen.
+
+        Results cached per input (AT2's feature pass) are keyed on it, so a model cast, moved or edited after a
+        call is run again instead of answering from the old weights.
+        """
+        kinds: set[tuple[str, str]] = set()
+        version = 0
+        which = []
+        for t in (*self.model.parameters(), *self.model.buffers()):
+            kinds.add((str(t.dtype), str(t.device)))
+            version += t._version
+            which.append((id(t), t.data_ptr() if t.device.type != "meta" else 0))
+        return tuple(sorted(kinds)), version, hash(tuple(which))
+
     @property
     def vocab_hash(self) -> str:
         """sha256 of the tokenizer's vocabulary, so estimators can check they belong to this model."""

@@ -74,7 +74,7 @@ class _MemoAblation:
         self.memo: dict[bytes, float] = {}
 
     def __call__(self, masks: torch.Tensor) -> torch.Tensor:
-        keys = [m.numpy().tobytes() for m in masks.bool()]
+        keys = [m.numpy().tobytes() for m in masks.detach().bool().cpu()]  # masks may live on the model's device
         todo = [i for i, k in enumerate(keys) if k not in self.memo]
         if todo:
             for i, v in zip(todo, self.run(masks[todo]).tolist(), strict=True):

