@@ -23,7 +23,7 @@ from at2_lens.at2.pretrained import default_estimator_for
 from at2_lens.backends import get_backend
 from at2_lens.errors import InputError, NumericalError
 from at2_lens.results import SourceAttribution
-from at2_lens.tasks import ContextTask, TargetSpan, TokenizedTask, prepare_task
+from at2_lens.tasks import DEFAULT_MAX_NEW_TOKENS, ContextTask, TargetSpan, TokenizedTask, prepare_task
 
 _CACHE_SIZE = 8
 
@@ -82,7 +82,7 @@ class AT2Attribution(Attribution):
         target: TargetSpan | Sequence[int] | None = None,
         *,
         per_token: bool = False,
-        max_new_tokens: int = 64,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     ) -> SourceAttribution:
         """Score every source of ``inputs`` for the target span.
 

