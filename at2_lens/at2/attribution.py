@@ -9,6 +9,7 @@ the same response costs none (the pass is cached; the result then reports 0 forw
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +19,13 @@ import torch
 from captum.attr import Attribution
 
 from at2_lens.ablation import FeaturePass, extract_features
-from at2_lens.at2.estimator import LinearEstimator, load_estimator_file, model_fingerprint
+from at2_lens.at2.estimator import (
+    LinearEstimator,
+    load_estimator_file,
+    model_fingerprint,
+    prompt_format_mismatch,
+    prompt_format_record,
+)
 from at2_lens.at2.pretrained import default_estimator_for
 from at2_lens.backends import get_backend
 from at2_lens.errors import InputError, NumericalError
@@ -63,6 +70,7 @@ class AT2Attribution(Attribution):
         _ = backend.attention_access  # fails now, with the reason, if attention cannot be read or intervened on
         self.estimator: LinearEstimator = estimator
         self._passes: OrderedDict[str, FeaturePass] = OrderedDict()
+        self._warned_formats: set[str] = set()
         self.forward_passes = 0  # all passes this instance ran (each result reports its own call's)
 
     @classmethod
@@ -95,6 +103,7 @@ class AT2Attribution(Attribution):
             max_new_tokens: generation budget when the response is generated.
         """
         task = prepare_task(self.backend, inputs, max_new_tokens, target)
+        self._check_prompt_format(task)
         before = self.forward_passes
         fpass = self._feature_pass(task)
         t_range = task.target_token_range
@@ -114,6 +123,14 @@ class AT2Attribution(Attribution):
             units=self.estimator.units, forward_passes=self.forward_passes - before,
             token_scores=token_scores, target_tokens=target_tokens,
         )
+
+    def _check_prompt_format(self, task: TokenizedTask) -> None:
+        """Warn (once per format) when the task's prompt is rendered unlike the estimator's training prompts."""
+        used = prompt_format_record(task.chat, self.backend.tokenizer)
+        why = prompt_format_mismatch(self.estimator.prompt_format, used)
+        if why is not None and used["name"] not in self._warned_formats:
+            self._warned_formats.add(used["name"])
+            warnings.warn(f"AT2: {why}", UserWarning, stacklevel=3)
 
     def _feature_pass(self, task: TokenizedTask) -> FeaturePass:
         """The cached per-row features of the whole response, computing them on first use."""
