@@ -47,7 +47,8 @@ class AT2Attribution(Attribution):
     Args:
         forward_func: a TransformerLens ``HookedTransformer`` (TL 3.9) or ``TransformerBridge`` decoder.
         estimator: a ``LinearEstimator``, a path to an estimator file, or None for average attention. Its
-            model fingerprint must match the model.
+            model fingerprint must match the model. Attributing a prompt rendered unlike the estimator's training
+            prompts (chat template vs plain, or another chat template) warns once per format, naming both.
     """
 
     def __init__(self, forward_func: Any, estimator: LinearEstimator | str | Path | None = None) -> None:
