@@ -53,6 +53,17 @@ def learning_curve(examples: list, held_out: float, steps: int, draws: int = 3) 
         print(f"| {size} | {np.mean(lds):.3f} |", flush=True)
 
 
+def _chat_prompt_format() -> dict[str, object]:
+    """The store predates recorded prompt formats; its tasks (collect_smollm2.py, prompt_format="auto") were all
+    rendered with SmolLM2's chat template."""
+    from transformers import AutoTokenizer
+
+    from at2_lens.at2.estimator import prompt_format_record
+    from at2_lens.models.embedded import smollm2_hf_dir
+
+    return prompt_format_record(True, AutoTokenizer.from_pretrained(str(smollm2_hf_dir()), local_files_only=True))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", default=str(STORE))
@@ -83,7 +94,7 @@ def main() -> None:
         return
     train, held = split_held_out(examples, args.held_out, seed=0)
     est, summary = train_estimator(train, held_out=held, steps=args.steps, seed=0, settings=store.settings,
-                                   **SETTINGS)
+                                   prompt_format=_chat_prompt_format(), **SETTINGS)
     est = calibrate(est, train)
     est.save(args.out)
     print(f"{len(examples)} examples; held-out LDS {summary.lds_held_out_init:.4f} (uniform weights = average "

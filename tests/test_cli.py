@@ -53,8 +53,8 @@ def test_collect_train_attribute(tiny_dir: Path, tmp_path: Path, capsys: pytest.
     assert main(["train", "--store", str(store), "--out", str(est), "--steps", "20", "--held-out", "0.34"]) == 0
     assert est.is_file()
     out_json, out_html = tmp_path / "scores.json", tmp_path / "report.html"
-    assert main(["attribute", "--model", str(tiny_dir), "--context", "The cat sat. The dog ran.", "--query", "Who?",
-                 "--response", "The cat.", "--estimator", str(est), "--json", str(out_json),
+    assert main(["attribute", "--model", str(tiny_dir), "--context-text", "The cat sat. The dog ran.",
+                 "--query", "Who?", "--response", "The cat.", "--estimator", str(est), "--json", str(out_json),
                  "--html", str(out_html), "--target", "4:7"]) == 0
     data = json.loads(out_json.read_text())
     assert data["target"] == "cat" and len(data["sources"]) == 2 and data["method"] == "AT2"
@@ -76,13 +76,13 @@ def test_collect_with_different_settings_is_refused(tiny_dir: Path, tmp_path: Pa
 
 
 def test_bad_input_is_a_clear_error(tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["attribute", "--model", str(tiny_dir), "--context", "   ", "--query", "q?", "--response", "r",
+    assert main(["attribute", "--model", str(tiny_dir), "--context-text", "   ", "--query", "q?", "--response", "r",
                  "--html", ""]) == 2
     assert "context" in capsys.readouterr().err
     assert main(["collect", "--model", str(tiny_dir), "--tasks", str(tmp_path / "nope.jsonl"),
                  "--store", str(tmp_path / "s")]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert main(["attribute", "--model", str(tmp_path / "missing"), "--context", "c.", "--query", "q?",
+    assert main(["attribute", "--model", str(tmp_path / "missing"), "--context-text", "c.", "--query", "q?",
                  "--html", ""]) == 2
 
 

@@ -389,3 +389,58 @@ def test_sha256_file(tmp_path: Path) -> None:
         _cache.verify_sha256(f, "0" * 64, "pip install thing")
     with pytest.raises(ModelLoadError, match="not found"):
         _cache.verify_sha256(tmp_path / "missing", "0" * 64, "pip install thing")
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("how", ["load_model", "load_minilm_sst2"])
+def test_minilm_loads_without_alarming_messages(how: str, capfd: pytest.CaptureFixture[str]) -> None:
+    """The MiniLM checkpoint has no masked-LM head and an unused pooler: transformers' "seem corrupted" warning and
+    its missing/unexpected-keys report about exactly those keys are expected and silenced, during that load only."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from at2_lens.models import load_model
+    from at2_lens.models.classifier import load_minilm_sst2
+
+    seen: list[str] = []
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()  # what a user sees (conftest sets TRANSFORMERS_VERBOSITY=error)
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    handler = Keep(logging.WARNING)
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        load_model("minilm") if how == "load_model" else load_minilm_sst2()
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+        hf_logging.set_verbosity(verbosity)
+    out, err = capfd.readouterr()
+    for text in [out, err, *seen]:
+        for alarm in ("seem corrupted", "LOAD REPORT", "MISSING", "UNEXPECTED"):
+            assert alarm not in text, text
+    for name in ("transformers.modeling_utils", "transformers.utils.loading_report"):
+        assert logging.getLogger(name).filters == [], "the filter is removed after the load"
+
+
+def test_minilm_noise_filter_keeps_unexpected_reports() -> None:
+    """Only reports of the expected keys are dropped; a report naming any other key still gets through."""
+    import logging
+
+    from at2_lens.models.embedded import _ExpectedMiniLMNoise
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("transformers.modeling_utils", logging.WARNING, __file__, 1, message, None, None)
+
+    noise = _ExpectedMiniLMNoise()
+    expected = ("\x1b[1mBertForMaskedLM LOAD REPORT\x1b[0m from: x\nKey | Status |\n---\n"
+                "pooler.dense.weight | UNEXPECTED |\ncls.predictions.bias | MISSING |\n")
+    assert not noise.filter(record(expected))
+    assert noise.filter(record(expected + "encoder.layer.0.attention.self.query.weight | MISSING |\n"))
+    assert not noise.filter(record("This checkpoint seem corrupted. ... tie cls.predictions.bias to "
+                                   "cls.predictions.decoder.bias, but both are absent"))
+    assert noise.filter(record("This checkpoint seem corrupted. ... tie lm_head.weight to embed.weight"))
+    assert noise.filter(record("something else"))

@@ -16,20 +16,20 @@ from at2_lens.cli import build_parser, main
 ROOT = Path(__file__).resolve().parents[1]
 
 # Every sub-command and every option it takes, as users call them. A missing option is a broken command line.
-_MODEL = ["--model", "--backend"]
+_MODEL = ["--model", "--backend", "--device"]
 _ATTRIBUTION = [*_MODEL, "--estimator", "--sources", "--top", "--max-new-tokens", "--html", "--json", "--save"]
 _CLASSIFIER = [*_MODEL, "--head", "--threads"]
 SUBCOMMANDS: dict[str, list[str]] = {
-    "demo": [*_ATTRIBUTION, "--context", "--question"],
-    "attribute": [*_ATTRIBUTION, "--context", "--query", "--response", "--target"],
+    "demo": [*_ATTRIBUTION, "--context", "--context-text", "--question"],
+    "attribute": [*_ATTRIBUTION, "--context", "--context-text", "--query", "--response", "--target"],
     "collect": [*_MODEL, "--tasks", "--store", "--sources", "--mode", "--output", "--n-masks", "--keep-prob", "--seed",
-                "--limit", "--shard-index", "--shard-count", "--batch-size", "--max-new-tokens", "--device"],
+                "--limit", "--shard-index", "--shard-count", "--batch-size", "--max-new-tokens"],
     "train": ["--store", "--out", "--held-out", "--steps", "--lr", "--batch-size", "--non-negative", "--seed"],
     "convert-estimator": [*_MODEL, "--out"],
     "evaluate": [*_MODEL, "--tasks", "--split", "--limit", "--sources", "--methods", "--estimator", "--metrics",
                  "--n-eval-masks", "--ks", "--kendall-k", "--mode", "--output", "--n-permutations",
                  "--adversarial-steps", "--adversarial-layers", "--tolerance", "--seed", "--batch-size",
-                 "--max-new-tokens", "--device", "--out", "--summary", "--quiet"],
+                 "--max-new-tokens", "--out", "--summary", "--quiet"],
     "heads": [*_CLASSIFIER, "--data-dir", "--n-importance", "--n-eval", "--methods", "--n-fractions", "--n-steps",
               "--target", "--batch-size", "--seed", "--csv", "--plot", "--importance-json"],
     "tree": [*_CLASSIFIER, "--text", "--threshold", "--n-steps", "--roots", "--out", "--save"],

@@ -13,6 +13,7 @@ place makes the next call run a fresh pass.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,12 +24,25 @@ from captum.attr import Attribution
 
 from at2_lens.ablation import FeaturePass, extract_features
 from at2_lens.ablation.user_cache import check_cache_inputs
-from at2_lens.at2.estimator import LinearEstimator, load_estimator_file, model_fingerprint
+from at2_lens.at2.estimator import (
+    LinearEstimator,
+    load_estimator_file,
+    model_fingerprint,
+    prompt_format_mismatch,
+    prompt_format_record,
+)
 from at2_lens.at2.pretrained import default_estimator_for
 from at2_lens.backends import get_backend
 from at2_lens.errors import InputError, NumericalError
 from at2_lens.results import SourceAttribution
-from at2_lens.tasks import ContextTask, TargetSpan, TokenizedTask, prepare_task, prepare_task_unchecked
+from at2_lens.tasks import (
+    DEFAULT_MAX_NEW_TOKENS,
+    ContextTask,
+    TargetSpan,
+    TokenizedTask,
+    prepare_task,
+    prepare_task_unchecked,
+)
 
 _CACHE_SIZE = 8
 
@@ -45,7 +59,8 @@ class AT2Attribution(Attribution):
     Args:
         forward_func: a TransformerLens ``HookedTransformer`` (TL 3.9) or ``TransformerBridge`` decoder.
         estimator: a ``LinearEstimator``, a path to an estimator file, or None for average attention. Its
-            model fingerprint must match the model.
+            model fingerprint must match the model. Attributing a prompt rendered unlike the estimator's training
+            prompts (chat template vs plain, or another chat template) warns once per format, naming both.
     """
 
     def __init__(self, forward_func: Any, estimator: LinearEstimator | str | Path | None = None) -> None:
@@ -74,6 +89,7 @@ class AT2Attribution(Attribution):
         _ = backend.attention_access  # fails now, with the reason, if attention cannot be read or intervened on
         self.estimator: LinearEstimator = estimator
         self._passes: OrderedDict[str, FeaturePass] = OrderedDict()
+        self._warned_formats: set[str] = set()
         self.forward_passes = 0  # all passes this instance ran (each result reports its own call's)
 
     @classmethod
@@ -93,7 +109,7 @@ class AT2Attribution(Attribution):
         target: TargetSpan | Sequence[int] | None = None,
         *,
         per_token: bool = False,
-        max_new_tokens: int = 64,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         cache: Any = None,
     ) -> SourceAttribution:
         """Score every source of ``inputs`` for the target span.
@@ -117,6 +133,7 @@ class AT2Attribution(Attribution):
             check_cache_inputs(inputs, cache)
             task = prepare_task(self.backend, inputs, max_new_tokens, target)
             fpass = self._cached_feature_pass(task, cache)
+        self._check_prompt_format(task)
         t_range = task.target_token_range
         assert t_range is not None and task.response is not None and task.target_text is not None
         feats = fpass.features(t_range)
@@ -151,6 +168,14 @@ class AT2Attribution(Attribution):
             return task, fpass
         task = prepare_task(self.backend, inputs, max_new_tokens, target)  # the cache is now known broken
         return task, self._feature_pass(task)
+
+    def _check_prompt_format(self, task: TokenizedTask) -> None:
+        """Warn (once per format) when the task's prompt is rendered unlike the estimator's training prompts."""
+        used = prompt_format_record(task.chat, self.backend.tokenizer)
+        why = prompt_format_mismatch(self.estimator.prompt_format, used)
+        if why is not None and used["name"] not in self._warned_formats:
+            self._warned_formats.add(used["name"])
+            warnings.warn(f"AT2: {why}", UserWarning, stacklevel=3)
 
     def _feature_pass(self, task: TokenizedTask) -> FeaturePass:
         """The cached per-row features of the whole response, computing them on first use."""

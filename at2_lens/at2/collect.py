@@ -9,6 +9,7 @@ per example: one greedy generation (if the task has no response), one feature pa
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,11 +28,12 @@ from at2_lens.ablation import (
     output_from_logprob,
     random_masks,
 )
-from at2_lens.at2.estimator import model_fingerprint
-from at2_lens.at2.store import AblationExample, AblationStore, StoreSettings, shard_indices
+from at2_lens.at2.estimator import model_fingerprint, prompt_format_record
+from at2_lens.at2.store import MANIFEST_NAME, AblationExample, AblationStore, StoreSettings, shard_indices
 from at2_lens.backends import get_backend
 from at2_lens.errors import InputError
-from at2_lens.tasks import ContextTask, check_tasks, prepare_task
+from at2_lens.files import canonical_json
+from at2_lens.tasks import DEFAULT_MAX_NEW_TOKENS, ContextTask, check_tasks, prepare_task
 
 
 def collect(
@@ -47,7 +49,7 @@ def collect(
     shard_index: int = 0,
     shard_count: int = 1,
     batch_size: int = 8,
-    max_new_tokens: int = 48,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     progress: bool = True,
     extra_settings: dict[str, Any] | None = None,
     features: FeatureOptions | None = None,
@@ -73,6 +75,9 @@ def collect(
         raise InputError("model: AT2 collection needs a causal (decoder) model")
     _ = backend.attention_access
     check_tasks(backend, tasks)  # every prompt tokenizes and fits the context window, before any model work
+    extra = dict(extra_settings or {})
+    if "prompt_format" not in extra and not _store_predates_prompt_format(Path(store_dir)):
+        extra["prompt_format"] = _prompt_format(backend, tasks)
     settings = StoreSettings(
         model_fingerprint=model_fingerprint(backend),
         n_layers=backend.n_layers,
@@ -84,7 +89,7 @@ def collect(
         keep_prob=keep_prob,
         seed=seed,
         feature_layout=features.layout_name,
-        extra=extra_settings or {},
+        extra=extra,
     )
     store = AblationStore(store_dir, settings)
     mine = shard_indices(len(tasks), shard_index, shard_count)
@@ -98,8 +103,34 @@ def collect(
     return store
 
 
+def _prompt_format(backend: Any, tasks: Sequence[ContextTask]) -> dict[str, Any]:
+    """How the tasks' prompts are rendered (chat template or plain; ``mixed`` if both), for the store manifest."""
+    tok = backend.tokenizer
+    records = {canonical_json(prompt_format_record(t.layout(tok).chat, tok)) for t in tasks}
+    if len(records) == 1:
+        return dict(json.loads(records.pop()))
+    return {"name": "mixed", "template_sha256": None}
+
+
+def _store_predates_prompt_format(root: Path) -> bool:
+    """An existing store whose manifest has no prompt format: resuming it must not add one (settings must match)."""
+    manifest = root / MANIFEST_NAME
+    if not manifest.is_file():
+        return False
+    try:
+        extra = json.loads(manifest.read_text(encoding="utf-8")).get("extra") or {}
+    except (OSError, ValueError, AttributeError):
+        return False  # AblationStore reports a damaged manifest itself
+    return "prompt_format" not in extra
+
+
 def collect_example(
-    model: Any, task: ContextTask, index: int, settings: StoreSettings, batch_size: int = 8, max_new_tokens: int = 48
+    model: Any,
+    task: ContextTask,
+    index: int,
+    settings: StoreSettings,
+    batch_size: int = 8,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
 ) -> AblationExample:
     """One training example: generate the response if needed, read features, run the ablations."""
     backend = get_backend(model)

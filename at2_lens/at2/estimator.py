@@ -7,12 +7,19 @@ File format: a single safetensors file (suffix ``.safetensors`` recommended) hol
      "feature_layout": {"name": "per_head_mean_target_sum_source", "n_layers": L, "n_heads": H},
      "ablation_mode": "mask" | "remove", "output_type": "logit_prob" | "log_prob",
      "granularity": "token" | ..., "model_fingerprint": {...}, "training": {...} | null,
-     "calibration": {"scale": a, "offset": b, "units": "..."} (optional), "weights_sha256": "<hex>"}
+     "calibration": {"scale": a, "offset": b, "units": "..."} (optional),
+     "prompt_format": {"name": "chat" | "plain" | "mixed", "template_sha256": "<hex>" | null} (optional),
+     "weights_sha256": "<hex>"}
 
 The feature layout names the one-pass feature family the weights apply to (``FeatureOptions.layout_name``; AT2's
 own is ``per_head_mean_target_sum_source``); loading refuses an unknown one, and attribution reads that family.
 The optional calibration maps scores to output units, ``a · score + b`` (fitted on the training store, see
 ``at2_lens.at2.training.calibrate``); files without it give unitless scores.
+
+``prompt_format`` says how the training prompts were rendered: the tokenizer's chat template (with the sha256 of
+the template text) or the plain layout. Features of the same text differ between the two, so ``AT2Attribution``
+warns once when it attributes a task rendered the other way (:func:`prompt_format_mismatch`). Files without the
+entry (written before it existed) have an unknown format and never warn.
 
 ``weights_sha256`` (the sha256 of the weights as little-endian float32 bytes) lets a flipped bit in the data section
 be detected; files written before it existed have no such entry and are read without that check.
@@ -61,6 +68,56 @@ def weights_sha256(weights: Tensor) -> str:
     """sha256 of a weights tensor as contiguous little-endian float32 bytes (the checksum stored in the file)."""
     array = weights.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4")
     return hashlib.sha256(array.tobytes()).hexdigest()
+
+
+PROMPT_FORMATS = ("chat", "plain", "mixed")
+
+
+def chat_template_sha256(tokenizer: Any) -> str | None:
+    """sha256 of the tokenizer's chat template text (canonical JSON for a dict of templates); None without one."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return None
+    text = template if isinstance(template, str) else canonical_json(template)
+    return hashlib.sha256(str(text).encode("utf-8")).hexdigest()
+
+
+def prompt_format_record(chat: bool, tokenizer: Any) -> dict[str, Any]:
+    """The ``prompt_format`` entry for prompts rendered with the chat template (``chat``) or the plain layout."""
+    return {"name": "chat", "template_sha256": chat_template_sha256(tokenizer)} if chat else \
+        {"name": "plain", "template_sha256": None}
+
+
+def check_prompt_format(value: Any) -> dict[str, Any] | None:
+    """None, or ``{"name": "chat" | "plain" | "mixed", "template_sha256": <64 hex> | None}``."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or value.get("name") not in PROMPT_FORMATS:
+        raise InputError(f"prompt_format: expected {{'name': one of {PROMPT_FORMATS}, 'template_sha256': ...}}, "
+                         f"got {value!r}")
+    digest = value.get("template_sha256")
+    if digest is not None and not (isinstance(digest, str) and len(digest) == 64
+                                   and all(c in "0123456789abcdef" for c in digest)):
+        raise InputError(f"prompt_format: 'template_sha256' must be a sha256 hex digest or None, got {digest!r}")
+    return {"name": value["name"], "template_sha256": digest}
+
+
+def prompt_format_mismatch(trained: dict[str, Any] | None, used: dict[str, Any]) -> str | None:
+    """Why prompts rendered as ``used`` differ from the estimator's training prompts (``trained``), or None.
+
+    Unknown (None) training formats never differ; two chat formats differ when both template hashes are known and
+    unequal.
+    """
+    if trained is None:
+        return None
+    if trained["name"] != used["name"]:
+        return (f"the estimator was trained on {trained['name']!r} prompts but this task's prompt is "
+                f"{used['name']!r} (prompt_format); scores may rank sources wrongly")
+    a, b = trained.get("template_sha256"), used.get("template_sha256")
+    if trained["name"] == "chat" and a is not None and b is not None and a != b:
+        return (f"the estimator was trained on prompts of chat template sha256 {a[:12]}…, this tokenizer's chat "
+                f"template is {b[:12]}…; scores may rank sources wrongly")
+    return None
 
 
 def model_fingerprint(backend: Any) -> dict[str, Any]:
@@ -146,7 +203,8 @@ class LinearEstimator:
 
     ``weights`` is float32 [L, H]. The rest is provenance checked when the estimator is loaded or used: the feature
     layout, how the training ablations were done (``ablation_mode``), what output they measured (``output_type``),
-    the source granularity trained on, the model fingerprint and a training summary (a JSON-able dict or None).
+    the source granularity trained on, the model fingerprint, a training summary (a JSON-able dict or None) and
+    the prompt format of the training prompts (``prompt_format``, None when unknown).
     """
 
     weights: Float[Tensor, "l h"]
@@ -157,6 +215,7 @@ class LinearEstimator:
     training: dict[str, Any] | None = None
     feature_layout: str = FEATURE_LAYOUT
     calibration: dict[str, Any] | None = None
+    prompt_format: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         w = torch.as_tensor(self.weights)
@@ -171,6 +230,7 @@ class LinearEstimator:
             raise InputError(f"granularity must be a non-empty string, got {self.granularity!r}")
         FeatureOptions.from_layout_name(self.feature_layout)  # an unknown layout is an InputError
         self.calibration = check_calibration(self.calibration)
+        self.prompt_format = check_prompt_format(self.prompt_format)
         if not isinstance(self.model_fingerprint, dict):
             raise InputError("model_fingerprint must be a dict")
         problem = fingerprint_problem(self.model_fingerprint)
@@ -238,6 +298,7 @@ class LinearEstimator:
             "model_fingerprint": self.model_fingerprint,
             "training": self.training,
             **({} if self.calibration is None else {"calibration": self.calibration}),
+            **({} if self.prompt_format is None else {"prompt_format": self.prompt_format}),
             "weights_sha256": weights_sha256(self.weights),
         }
 
@@ -357,6 +418,10 @@ def load_estimator_file(path: Path | str, expected_fingerprint: dict[str, Any] |
         calibration = check_calibration(meta.get("calibration"))
     except InputError as exc:
         raise _bad(path, str(exc)) from None
+    try:
+        prompt_format = check_prompt_format(meta.get("prompt_format"))
+    except InputError as exc:
+        raise _bad(path, str(exc)) from None
     checksum = meta.get("weights_sha256")
     if checksum is not None and checksum != weights_sha256(weights):
         raise _bad(path, "the weights do not match the weights_sha256 checksum in the metadata (the data is damaged)")
@@ -369,6 +434,7 @@ def load_estimator_file(path: Path | str, expected_fingerprint: dict[str, Any] |
         training=training,
         feature_layout=layout["name"],
         calibration=calibration,
+        prompt_format=prompt_format,
     )
     if expected_fingerprint is not None:
         diffs = compare_fingerprints(fingerprint, expected_fingerprint)

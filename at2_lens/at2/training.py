@@ -164,13 +164,16 @@ def train_estimator(
     progress: bool = True,
     settings: StoreSettings | None = None,
     num_threads: int | None = None,
+    prompt_format: dict[str, Any] | None = None,
 ) -> tuple[LinearEstimator, TrainingSummary]:
     """Fit AT2's per-head weights to ablation examples; returns the L1-normalised estimator and a summary.
 
     ``held_out`` is a separate list of examples, or a fraction of ``examples`` to hold out (split by ``seed``), or
     None. ``log_every`` (default steps // 10) sets how often LDS is evaluated for the progress bar and history.
     ``settings`` (the store's collection settings) supplies the ablation mode, output type, granularity and model
-    fingerprint recorded in the estimator. ``num_threads``, if given, sets torch's intra-op thread count for the
+    fingerprint recorded in the estimator, and the prompt format when ``collect`` recorded it
+    (``settings.extra["prompt_format"]``); ``prompt_format`` (see ``at2_lens.at2.estimator.prompt_format_record``)
+    overrides it. ``num_threads``, if given, sets torch's intra-op thread count for the
     duration of training (restored afterwards): each step is small, and on a busy machine one thread was measured
     up to 6x faster than two.
     """
@@ -190,7 +193,7 @@ def train_estimator(
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     try:
-        return _train(
+        estimator, summary = _train(
             examples,
             held_out,
             steps=steps,
@@ -203,6 +206,9 @@ def train_estimator(
             progress=progress,
             settings=settings,
         )
+        if prompt_format is not None:
+            estimator = replace(estimator, prompt_format=prompt_format)
+        return estimator, summary
     finally:
         if num_threads is not None:
             torch.set_num_threads(previous_threads)
@@ -307,6 +313,7 @@ def _train(
             "granularity": settings.granularity,
             "model_fingerprint": settings.model_fingerprint,
             "feature_layout": settings.feature_layout,
+            "prompt_format": settings.extra.get("prompt_format"),
         }
     estimator = LinearEstimator(final.reshape(n_layers, n_heads), training=summary.to_dict(), **meta)
     return estimator, summary

@@ -17,7 +17,7 @@ from at2_lens.ablation.user_cache import check_cache_inputs
 from at2_lens.backends import get_backend
 from at2_lens.errors import InputError
 from at2_lens.results import SourceAttribution
-from at2_lens.tasks import ContextTask, TargetSpan, TokenizedTask, prepare_task
+from at2_lens.tasks import DEFAULT_MAX_NEW_TOKENS, ContextTask, TargetSpan, TokenizedTask, prepare_task
 
 
 class AverageAttention(Attribution):
@@ -63,7 +63,7 @@ class AverageAttention(Attribution):
         target: TargetSpan | Sequence[int] | None = None,
         *,
         per_token: bool = False,
-        max_new_tokens: int = 64,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         cache: Any = None,
     ) -> SourceAttribution:
         """Score every source of ``inputs`` for the target (one forward pass over prompt + response).

@@ -24,7 +24,7 @@ from at2_lens.ablation import OUTPUT_UNITS, OutputType, check_output_type, query
 from at2_lens.backends import Backend, get_backend
 from at2_lens.errors import InputError, ModelNotSupportedError
 from at2_lens.results import SourceAttribution
-from at2_lens.tasks import ContextTask, Span, TargetSpan, TokenizedTask, prepare_task
+from at2_lens.tasks import DEFAULT_MAX_NEW_TOKENS, ContextTask, Span, TargetSpan, TokenizedTask, prepare_task
 
 _METHODS = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
 EMBED_HOOKS: tuple[str, ...] = ("hook_embed", "embed.hook_out")
@@ -87,7 +87,7 @@ class GradientXInput(_EmbeddingGradient):
         inputs: ContextTask | TokenizedTask,
         target: TargetSpan | Sequence[int] | None = None,
         *,
-        max_new_tokens: int = 64,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     ) -> SourceAttribution:
         """Score every source by gradient × embedding summed over its tokens and the embedding dimensions."""
         task = prepare_task(self.backend, inputs, max_new_tokens, target)
@@ -151,7 +151,7 @@ class IntegratedGradientsAttribution(_EmbeddingGradient):
         inputs: ContextTask | TokenizedTask,
         target: TargetSpan | Sequence[int] | None = None,
         *,
-        max_new_tokens: int = 64,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     ) -> SourceAttribution:
         """Score every source by integrated gradients summed over its tokens and the embedding dimensions."""
         task = prepare_task(self.backend, inputs, max_new_tokens, target)

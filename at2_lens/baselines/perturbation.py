@@ -32,7 +32,7 @@ from at2_lens.ablation import (
 from at2_lens.backends import get_backend
 from at2_lens.errors import InputError, NumericalError
 from at2_lens.results import SourceAttribution
-from at2_lens.tasks import ContextTask, TargetSpan, TokenizedTask, prepare_task
+from at2_lens.tasks import DEFAULT_MAX_NEW_TOKENS, ContextTask, TargetSpan, TokenizedTask, prepare_task
 
 
 class _AblationAttribution(PerturbationAttribution):
@@ -98,7 +98,7 @@ class LeaveOneOut(_AblationAttribution):
         inputs: ContextTask | TokenizedTask,
         target: TargetSpan | Sequence[int] | None = None,
         *,
-        max_new_tokens: int = 64,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     ) -> SourceAttribution:
         """Score every source by the fall in the target's output when it alone is ablated."""
         task = prepare_task(self.backend, inputs, max_new_tokens, target)
@@ -193,7 +193,7 @@ class ContextCite(_AblationAttribution):
         inputs: ContextTask | TokenizedTask,
         target: TargetSpan | Sequence[int] | None = None,
         *,
-        max_new_tokens: int = 64,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     ) -> SourceAttribution:
         """Fit the surrogate on ``n_ablations`` random ablations of ``inputs``; its weights are the scores."""
         return self._attribute(prepare_task(self.backend, inputs, max_new_tokens, target))

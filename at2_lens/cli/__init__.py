@@ -8,7 +8,8 @@ the parser's ``func``) and a ``cmd_<command>(args) -> int`` that runs it:
 - ``convert``: ``convert-estimator``, a score estimator of the AT2 authors' package as an at2_lens estimator file;
 - ``evaluate``: faithfulness of attribution methods (CSV and markdown summary);
 - ``heads`` and ``tree``: AttAttr head study and attribution tree on an encoder classifier;
-- ``_args``: options shared by several commands (``--model``/``--backend``, the classifier options).
+- ``_args``: options shared by several commands (``--model``/``--backend``/``--device``, ``--max-new-tokens``, the
+  classifier options) and the checks every command runs before any model loads.
 
 Every option is explained by ``at2-lens <command> --help``. Heavy imports happen inside the commands, so
 ``--help`` is instant. ``python -m at2_lens.cli`` runs the same ``main`` (for ``torchrun -m``).

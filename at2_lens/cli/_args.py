@@ -1,11 +1,17 @@
 """Command-line options shared by several ``at2-lens`` sub-commands (one definition, one help text each).
 
-- ``add_model_args``: ``--model`` and ``--backend`` (every command that loads a model).
+- ``add_model_args``: ``--model``, ``--backend`` and ``--device`` (every command that loads a model);
+  ``check_model_kind`` (before loading: an embedded model of the wrong kind) and ``check_loaded_kind`` (right after
+  loading any other model, before any work) refuse an encoder for a decoder command and the reverse.
+- ``add_max_new_tokens_arg``: ``--max-new-tokens``, default ``DEFAULT_MAX_NEW_TOKENS`` (the library's, defined once).
 - ``add_classifier_args`` / ``load_classifier`` / ``set_threads``: the encoder classifier of ``heads`` and ``tree``.
-- ``parse_ints``: a comma-separated list of integers (``--ks``, ``--adversarial-layers``).
+- ``parse_ints``: a comma-separated list of integers (``--ks``, ``--adversarial-layers``); ``check_file``: an
+  input file that must exist; ``check_device``: a ``--device`` value.
 - ``TASKS_HELP`` / ``parse_tasks_spec``: what ``--tasks`` of ``collect`` and ``evaluate`` accepts.
 
-Heavy imports happen inside the functions that need them, so ``--help`` stays instant.
+Rule of every command: all of its input is checked before any model loads (the model's kind too, for the embedded
+names), so a typo costs no loading time. Heavy imports happen inside the functions that need them, so ``--help``
+stays instant.
 """
 
 from __future__ import annotations
@@ -15,21 +21,89 @@ import re
 from pathlib import Path
 from typing import Any
 
+from at2_lens._defaults import DEFAULT_MAX_NEW_TOKENS
 from at2_lens._validate import check_int
 from at2_lens.errors import InputError
-from at2_lens.models import BACKEND_CHOICES
+from at2_lens.models import BACKEND_CHOICES, EMBEDDED, EMBEDDED_DECODERS
+
+_DEVICE_HELP = "'auto' (CUDA when available, else cpu), 'cpu', 'cuda' or 'cuda:N'"
 
 
-def add_model_args(p: argparse.ArgumentParser, *, default: str, model_help: str, hooked_class: str) -> None:
-    """Add ``--model`` (default ``default``; ``model_help`` says what it accepts) and ``--backend``.
+def add_model_args(p: argparse.ArgumentParser, *, default: str, model_help: str, hooked_class: str,
+                   device_help: str = "") -> None:
+    """Add ``--model`` (default ``default``; ``model_help`` says what it accepts), ``--backend`` and ``--device``.
 
     ``hooked_class`` names the TL 3.9 class that ``--backend hooked`` selects (``HookedTransformer`` for the
-    decoder commands, ``HookedEncoder`` for the encoder ones).
+    decoder commands, ``HookedEncoder`` for the encoder ones); ``device_help`` adds to ``--device``'s help.
     """
-    p.add_argument("--model", default=default, help=f"{model_help} (default: {default})")
+    when = f"default: {default}" if default else "required"
+    p.add_argument("--model", default=default, help=f"{model_help} ({when})")
     p.add_argument("--backend", default="auto", choices=list(BACKEND_CHOICES),
                    help=f"TransformerLens class: 'hooked' = {hooked_class} (TL 3.9 only), 'bridge' = "
                         "TransformerBridge, 'auto' = hooked where available (default: auto)")
+    p.add_argument("--device", default="auto",
+                   help=f"where the model runs: {_DEVICE_HELP}. {device_help}(default: auto)")
+
+
+def add_max_new_tokens_arg(p: argparse.ArgumentParser, what: str) -> None:
+    """Add ``--max-new-tokens`` with the library's default budget; ``what`` says when the budget is used."""
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                   help=f"generation budget (tokens) {what} (default: {DEFAULT_MAX_NEW_TOKENS})")
+
+
+def check_model_kind(model: str, *, decoder: bool, command: str) -> None:
+    """Before loading: refuse an embedded model of the wrong kind for ``command`` (decoder or encoder commands).
+
+    Only the embedded names are known without loading; other models are checked by :func:`check_loaded_kind`.
+    """
+    key = model.strip().lower()
+    if key in EMBEDDED and (key in EMBEDDED_DECODERS) != decoder:
+        kind, want = ("a decoder", "an encoder (BERT-type)") if not decoder else ("an encoder", "a decoder (causal LM)")
+        other = sorted(EMBEDDED_DECODERS if decoder else set(EMBEDDED) - EMBEDDED_DECODERS)
+        raise InputError(f"--model: {model!r} is {kind} model ({EMBEDDED[key]}); 'at2-lens {command}' needs {want} "
+                         f"model such as {other[0]!r}")
+
+
+def check_loaded_kind(model: Any, *, decoder: bool, command: str, name: str) -> None:
+    """Right after loading (before any work): refuse an encoder for a decoder command and the reverse."""
+    from at2_lens.backends import get_backend
+
+    if get_backend(model).is_causal != decoder:
+        want = "a decoder (causal LM)" if decoder else "an encoder (BERT-type)"
+        raise InputError(f"--model: {name!r} loaded as {'a decoder' if not decoder else 'an encoder'}; "
+                         f"'at2-lens {command}' needs {want} model")
+
+
+def check_device(choice: str) -> str:
+    """A ``--device`` value that names a device (checked before any model loads); returns it unchanged."""
+    import torch
+
+    if choice == "auto":
+        return choice
+    try:
+        device = torch.device(choice)
+    except (RuntimeError, TypeError):
+        raise InputError(f"--device: expected {_DEVICE_HELP}, got {choice!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device: {choice!r} was requested but CUDA is not available")
+    return choice
+
+
+def resolve_device(choice: str) -> Any:
+    """``--device`` as a ``torch.device`` for a single-process command (``auto``: CUDA when available)."""
+    import torch
+
+    check_device(choice)
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def check_file(value: str | None, name: str) -> None:
+    """Refuse an option ``name`` whose value names no existing file (None: the option was not given)."""
+    if value is not None and not Path(value).is_file():
+        why = "is a directory" if Path(value).is_dir() else "does not exist"
+        raise InputError(f"{name}: expected an existing file, but {value!r} {why}")
 
 
 def add_classifier_args(p: argparse.ArgumentParser) -> None:
@@ -42,17 +116,30 @@ def add_classifier_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
 
 
-def load_classifier(model: str, head: str | None, backend: str) -> Any:
+def check_classifier_args(args: argparse.Namespace, command: str) -> None:
+    """Everything about the classifier options that can be checked before loading (``heads`` and ``tree``)."""
+    check_model_kind(args.model, decoder=False, command=command)
+    if args.model.strip().lower() != "minilm" and args.head is None:
+        raise InputError("--head: a model other than 'minilm' needs a classifier head file (.safetensors)")
+    check_file(args.head, "--head")
+    check_int("--threads", args.threads, minimum=1)
+    check_device(args.device)
+
+
+def load_classifier(model: str, head: str | None, backend: str, device: str = "auto") -> Any:
     """The MiniLM SST-2 classifier, or ``SentimentClassifier(load_model(model), read_head(head))``."""
     from at2_lens.models.classifier import SentimentClassifier, load_minilm_sst2, read_head
 
+    where = resolve_device(device)
     if model.strip().lower() == "minilm":
-        return load_minilm_sst2(backend, head_path=head)
+        return load_minilm_sst2(backend, head_path=head, device=where)
     if head is None:
         raise InputError("--head: a model other than 'minilm' needs a classifier head file (.safetensors)")
     from at2_lens.models import load_model
 
-    return SentimentClassifier(load_model(model, backend=backend), read_head(head))  # type: ignore[arg-type]
+    loaded = load_model(model, backend=backend, device=where)  # type: ignore[arg-type]
+    check_loaded_kind(loaded, decoder=False, command="heads/tree", name=model)
+    return SentimentClassifier(loaded, read_head(head))
 
 
 def set_threads(n: int) -> None:
@@ -113,9 +200,16 @@ __all__ = [
     "TASKS_HELP",
     "TASK_KINDS",
     "add_classifier_args",
+    "add_max_new_tokens_arg",
     "add_model_args",
+    "check_classifier_args",
+    "check_device",
+    "check_file",
+    "check_loaded_kind",
+    "check_model_kind",
     "load_classifier",
     "parse_ints",
     "parse_tasks_spec",
+    "resolve_device",
     "set_threads",
 ]

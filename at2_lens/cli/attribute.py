@@ -2,17 +2,31 @@
 
 ``demo`` is ``attribute`` on a built-in question (or ``--context``/``--question`` of your own); both print the top
 sources and write an HTML report (and optionally the scores as JSON).
+
+The context: ``--context PATH`` reads a UTF-8 text file (``-`` reads standard input) and a path that names no file
+is an error, never text; ``--context-text TEXT`` takes the text itself. All options are checked before the model
+loads (a mistyped file name or ``--target`` costs no loading time).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
-from at2_lens.cli._args import add_model_args
-from at2_lens.errors import At2LensError
+from at2_lens._validate import check_int
+from at2_lens.cli._args import (
+    add_max_new_tokens_arg,
+    add_model_args,
+    check_device,
+    check_file,
+    check_loaded_kind,
+    check_model_kind,
+    resolve_device,
+)
+from at2_lens.errors import InputError
 
 DEFAULT_REPORT = "at2_lens_report.html"
 
@@ -28,8 +42,7 @@ def _add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sources", default="sentence", choices=["token", "word", "sentence", "document"],
                    help="source granularity: what the context is cut into and scored (default: sentence)")
     p.add_argument("--top", type=int, default=5, help="how many top sources to print (default: 5)")
-    p.add_argument("--max-new-tokens", type=int, default=48,
-                   help="generation budget when the response is generated (default: 48)")
+    add_max_new_tokens_arg(p, "when the response is generated")
     p.add_argument("--html", default=DEFAULT_REPORT,
                    help=f"where to write the HTML report (default: {DEFAULT_REPORT}); '' to skip")
     p.add_argument("--json", default=None, help="also write the scores as JSON to this path")
@@ -46,9 +59,7 @@ def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
                                           "context; AT2 scores each context sentence; the terminal shows the top "
                                           "sources highlighted and an HTML report is written.")
     _add_common_args(p)
-    p.add_argument("--context", default=None,
-                   help="your own context: a text file path (paragraphs separated by blank lines become "
-                        "documents) or the text itself (default: the built-in context)")
+    _add_context_args(p, required=False, default=" (default: the built-in context)")
     p.add_argument("--question", default=None, help="your own question (default: the built-in one)")
     p.set_defaults(func=cmd_demo)
     return p
@@ -59,7 +70,7 @@ def add_attribute_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("attribute", help="attribute a response to the sources of a context",
                               description="Score every source of a context for a (generated or given) response.")
     _add_common_args(p)
-    p.add_argument("--context", required=True, help="a text file path, or the context text itself")
+    _add_context_args(p, required=True, default="")
     p.add_argument("--query", required=True, help="the question or instruction about the context")
     p.add_argument("--response", default=None, help="the response to attribute (default: generated greedily)")
     p.add_argument("--target", default=None,
@@ -68,12 +79,56 @@ def add_attribute_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _read_text_arg(value: str) -> str:
-    """The contents of ``value`` if it names a file, else ``value`` itself."""
-    p = Path(value)
-    if len(value) < 4096 and p.is_file():
-        return p.read_text(encoding="utf-8")
-    return value
+def _add_context_args(p: argparse.ArgumentParser, *, required: bool, default: str) -> None:
+    """``--context PATH`` (a file; ``-`` = standard input) or ``--context-text TEXT``, one of them."""
+    group = p.add_mutually_exclusive_group(required=required)
+    group.add_argument("--context", default=None, metavar="PATH",
+                       help="the context: a UTF-8 text file ('-' reads standard input); a path that names no file "
+                            f"is an error{default}")
+    group.add_argument("--context-text", default=None, metavar="TEXT",
+                       help=f"the context text itself, instead of --context{default}")
+
+
+def read_context(args: argparse.Namespace) -> str | None:
+    """The context that ``--context``/``--context-text`` give (None: neither); a missing file is an InputError."""
+    if args.context_text is not None:
+        return str(args.context_text)
+    if args.context is None:
+        return None
+    if args.context == "-":
+        return sys.stdin.read()
+    path = Path(args.context)
+    if not path.is_file():
+        why = "is a directory" if path.is_dir() else "names no file"
+        raise InputError(f"--context: expected a text file path ('-' for standard input), but {args.context!r} "
+                         f"{why}; pass the text itself with --context-text")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"--context: cannot read {args.context!r} as UTF-8 text: {exc}") from None
+
+
+def parse_target(text: str | None) -> tuple[int, int] | None:
+    """``--target START:END`` as a character range (None when not given); anything else is an InputError."""
+    if text is None:
+        return None
+    parts = text.split(":")
+    try:
+        start, end = (int(x) for x in parts) if len(parts) == 2 else (None, None)
+    except ValueError:
+        start = end = None
+    if start is None or end is None or not 0 <= start < end:
+        raise InputError(f"--target: expected START:END character offsets with 0 <= START < END, got {text!r}")
+    return start, end
+
+
+def _check_common(args: argparse.Namespace, command: str) -> None:
+    """The checks of the options ``demo`` and ``attribute`` share (before any model loads)."""
+    check_model_kind(args.model, decoder=True, command=command)
+    check_device(args.device)
+    check_file(args.estimator, "--estimator")
+    check_int("--top", args.top, minimum=1)
+    check_int("--max-new-tokens", args.max_new_tokens, minimum=1)
 
 
 def _documents(text: str) -> list[str]:
@@ -106,17 +161,11 @@ def _attribute(args: argparse.Namespace, task: Any) -> int:
     from at2_lens.at2.pretrained import default_estimator_for
     from at2_lens.report import write_report
 
-    model = load_model(args.model, backend=args.backend)
+    model = load_model(args.model, backend=args.backend, device=resolve_device(args.device))
+    check_loaded_kind(model, decoder=True, command=args.command, name=args.model)
     estimator = args.estimator if args.estimator else default_estimator_for(model)
     at2 = AT2Attribution(model, estimator=estimator)
-    target = None
-    if getattr(args, "target", None):
-        try:
-            a, b = (int(x) for x in args.target.split(":"))
-        except ValueError:
-            raise At2LensError(f"--target: expected START:END character offsets, got {args.target!r}") from None
-        target = (a, b)
-    result = at2.attribute(task, target=target, max_new_tokens=args.max_new_tokens)
+    result = at2.attribute(task, max_new_tokens=args.max_new_tokens)
     _print_result(result, args.top)
     if args.html:
         path = write_report(args.html, result, at2.head_weights, title="at2_lens: AT2 attribution", query=task.query)
@@ -140,20 +189,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from at2_lens.tasks import ContextTask
     from at2_lens.tasks.loaders import DEMO_CONTEXT, DEMO_QUESTION
 
-    context = _documents(_read_text_arg(args.context)) if args.context else DEMO_CONTEXT
+    _check_common(args, "demo")
+    text = read_context(args)
+    context = _documents(text) if text is not None else DEMO_CONTEXT
     question = args.question or DEMO_QUESTION
+    task = ContextTask(context=context, query=question, sources=args.sources)
     print(f"Question: {question}")
-    return _attribute(args, ContextTask(context=context, query=question, sources=args.sources))
+    return _attribute(args, task)
 
 
 def cmd_attribute(args: argparse.Namespace) -> int:
     """Attribute a given or generated response to the sources of ``--context``."""
     from at2_lens.tasks import ContextTask
 
-    context = _read_text_arg(args.context)
+    _check_common(args, "attribute")
+    target = parse_target(args.target)
+    context = read_context(args)
+    assert context is not None  # the parser requires --context or --context-text
     task = ContextTask(context=_documents(context) if args.sources == "document" else context, query=args.query,
-                       response=args.response, sources=args.sources)
+                       response=args.response, sources=args.sources, target=target)
     return _attribute(args, task)
 
 
-__all__ = ["DEFAULT_REPORT", "add_attribute_parser", "add_demo_parser", "cmd_attribute", "cmd_demo"]
+__all__ = ["DEFAULT_REPORT", "add_attribute_parser", "add_demo_parser", "cmd_attribute", "cmd_demo", "parse_target",
+           "read_context"]

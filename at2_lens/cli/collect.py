@@ -9,8 +9,16 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from at2_lens._validate import check_int
-from at2_lens.cli._args import TASKS_HELP, add_model_args, parse_tasks_spec
+from at2_lens._validate import check_fraction, check_int
+from at2_lens.cli._args import (
+    TASKS_HELP,
+    add_max_new_tokens_arg,
+    add_model_args,
+    check_device,
+    check_loaded_kind,
+    check_model_kind,
+    parse_tasks_spec,
+)
 
 
 def add_collect_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -20,8 +28,10 @@ def add_collect_parser(subparsers: Any) -> argparse.ArgumentParser:
                                           "ablations for every task; each finished example is written atomically "
                                           "to the store, so an interrupted run resumes where it stopped.")
     add_model_args(p, default="smollm2", hooked_class="HookedTransformer",
-                   model_help="'smollm2' or 'minilm' (embedded, offline), a Hugging Face model id, or a local model "
-                              "directory")
+                   model_help="'smollm2' (embedded, offline), a Hugging Face model id, or a local decoder model "
+                              "directory",
+                   device_help="Under torchrun / accelerate launch each process collects its own shard of the tasks "
+                               "(shard i %% WORLD_SIZE) into the shared store, on cuda:LOCAL_RANK with 'auto' ")
     p.add_argument("--tasks", required=True, help=f"{TASKS_HELP}. squad and hotpot tasks are shuffled by --seed")
     p.add_argument("--store", required=True, help="the store directory (created, or resumed if it exists)")
     p.add_argument("--sources", default="sentence", choices=["token", "word", "sentence", "document"],
@@ -38,11 +48,7 @@ def add_collect_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--shard-index", type=int, default=0, help="this process's shard (default: 0)")
     p.add_argument("--shard-count", type=int, default=1, help="number of shards splitting the tasks (default: 1)")
     p.add_argument("--batch-size", type=int, default=8, help="ablations per forward pass in mask mode (default 8)")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="generation budget per task (default: 48)")
-    p.add_argument("--device", default="auto",
-                   help="'auto' (cuda:LOCAL_RANK when CUDA is available, else cpu), 'cpu', 'cuda' or 'cuda:N'. "
-                        "Under torchrun / accelerate launch each process collects its own shard of the tasks "
-                        "(shard i %% WORLD_SIZE) into the shared store (default: auto)")
+    add_max_new_tokens_arg(p, "per task whose response is generated")
     p.set_defaults(func=cmd_collect)
     return p
 
@@ -69,11 +75,21 @@ def cmd_collect(args: argparse.Namespace) -> int:
     from at2_lens.at2.collect import collect
     from at2_lens.distributed import DataParallel
 
+    check_model_kind(args.model, decoder=True, command="collect")
+    check_device(args.device)
+    for name in ("n_masks", "batch_size", "max_new_tokens", "shard_count"):
+        check_int(f"--{name.replace('_', '-')}", getattr(args, name), minimum=1)
+    check_int("--seed", args.seed, minimum=0)
+    check_int("--shard-index", args.shard_index, minimum=0, maximum=args.shard_count - 1)
+    check_fraction("--keep-prob", args.keep_prob)
+    if args.limit is not None:
+        check_int("--limit", args.limit, minimum=1)
     with DataParallel() as dp:
         shard_index, shard_count = dp.compose(args.shard_index, args.shard_count)
         device = dp.device(args.device)
         tasks = load_tasks(args.tasks, args.sources, args.limit, args.seed)
         model = load_model(args.model, backend=args.backend, device=device)
+        check_loaded_kind(model, decoder=True, command="collect", name=args.model)
         store = collect(model, tasks, args.store, mode=args.mode, output=args.output, n_masks=args.n_masks,
                         keep_prob=args.keep_prob, seed=args.seed, shard_index=shard_index,
                         shard_count=shard_count, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)

@@ -8,8 +8,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from at2_lens.errors import At2LensError
-from at2_lens.models import BACKEND_CHOICES
+from at2_lens.cli._args import add_model_args, check_device, resolve_device
+from at2_lens.errors import At2LensError, InputError
 
 
 def add_convert_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -21,12 +21,9 @@ def add_convert_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "layout, check its heads against the model and write an at2_lens estimator file "
                     "(safetensors + JSON) with the model's fingerprint.")
     p.add_argument("file", help="the reference estimator file (score_estimator.pt)")
-    p.add_argument("--model", required=True,
-                   help="the model the estimator was trained for: a Hugging Face model id or a local model directory "
-                        "(loaded to take its fingerprint and check its layers x heads)")
-    p.add_argument("--backend", default="auto", choices=list(BACKEND_CHOICES),
-                   help="TransformerLens class: 'hooked' = HookedTransformer (TL 3.9 only), 'bridge' = "
-                        "TransformerBridge, 'auto' = hooked where available (default: auto)")
+    add_model_args(p, default="", hooked_class="HookedTransformer",
+                   model_help="the model the estimator was trained for: a Hugging Face model id or a local model "
+                              "directory (loaded to take its fingerprint and check its layers x heads)")
     p.add_argument("--out", required=True, help="the at2_lens estimator file to write (.safetensors)")
     p.set_defaults(func=cmd_convert_estimator)
     return p
@@ -37,11 +34,15 @@ def cmd_convert_estimator(args: argparse.Namespace) -> int:
     from at2_lens import load_model
     from at2_lens.at2.convert import convert_reference_estimator, read_reference_estimator
 
+    if not args.model:
+        raise InputError("--model: required, the model the reference estimator was trained for (a Hugging Face id "
+                         "or a local model directory)")
+    check_device(args.device)
     src, out = Path(args.file), Path(args.out)
     if out.resolve() == src.resolve():
         raise At2LensError("--out: must differ from the reference file (it would be overwritten)")
     read_reference_estimator(src)  # a bad file is refused before the (possibly large) model is loaded
-    model = load_model(args.model, backend=args.backend)
+    model = load_model(args.model, backend=args.backend, device=resolve_device(args.device))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # its notes are printed below
         estimator = convert_reference_estimator(src, model)

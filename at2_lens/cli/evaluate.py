@@ -11,7 +11,17 @@ from pathlib import Path
 from typing import Any
 
 from at2_lens._validate import check_int
-from at2_lens.cli._args import TASKS_HELP, add_model_args, parse_ints, parse_tasks_spec
+from at2_lens.cli._args import (
+    TASKS_HELP,
+    add_max_new_tokens_arg,
+    add_model_args,
+    check_device,
+    check_file,
+    check_loaded_kind,
+    check_model_kind,
+    parse_ints,
+    parse_tasks_spec,
+)
 
 _DEFAULT_METHODS = "at2,avg_attention,loo,contextcite32,gradxinput"
 _DEFAULT_METRICS = "lds,topk_drop,kendall_loo,kendall_gradxinput"
@@ -33,7 +43,10 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_args(p, default="smollm2", hooked_class="HookedTransformer",
-                   model_help="'smollm2' (embedded, offline), a Hugging Face model id or a local model directory")
+                   model_help="'smollm2' (embedded, offline), a Hugging Face model id or a local model directory",
+                   device_help="Under torchrun / accelerate launch each process evaluates tasks "
+                               "i %% WORLD_SIZE == RANK on cuda:LOCAL_RANK with 'auto', and rank 0 gathers the "
+                               "rows, prints and writes the results ")
     p.add_argument("--tasks", required=True,
                    help=f"{TASKS_HELP}. squad gives one task per paragraph; squad and hotpot tasks have the model's "
                         "own answer as target")
@@ -72,12 +85,7 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the held-out masks, ContextCite's ablations and the attention checks (default: 0)")
     p.add_argument("--batch-size", type=int, default=8, help="ablations per forward call in mask mode (default: 8)")
-    p.add_argument("--max-new-tokens", type=int, default=32,
-                   help="generation budget for each task's response (default: 32)")
-    p.add_argument("--device", default="auto",
-                   help="'auto' (cuda:LOCAL_RANK when CUDA is available, else cpu), 'cpu', 'cuda' or 'cuda:N'. "
-                        "Under torchrun / accelerate launch each process evaluates tasks i %% WORLD_SIZE == RANK "
-                        "and rank 0 gathers the rows, prints and writes the results (default: auto)")
+    add_max_new_tokens_arg(p, "for each task's response when the task has none")
     p.add_argument("--out", default=None, help="write the tidy per-task results to this CSV file")
     p.add_argument("--summary", default=None, help="also write the markdown summary table to this file")
     p.add_argument("--quiet", action="store_true", help="no per-task progress on stderr")
@@ -138,19 +146,30 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """
     from at2_lens import load_model
     from at2_lens.distributed import DataParallel
-    from at2_lens.evaluation.methods import build_methods
+    from at2_lens.evaluation.methods import build_methods, check_method_names
     from at2_lens.evaluation.runner import evaluate, markdown_table, resolve_metrics, summarize
     from at2_lens.files import atomic_write_text
 
     metrics = resolve_metrics([m.strip() for m in args.metrics.split(",") if m.strip()])
     ks = parse_ints(args.ks, "--ks")
     adv_layers = parse_ints(args.adversarial_layers, "--adversarial-layers") if args.adversarial_layers else None
+    method_names = [m for m in args.methods.split(",") if m.strip()]
+    check_method_names(method_names)
+    check_model_kind(args.model, decoder=True, command="evaluate")
+    check_device(args.device)
+    check_file(args.estimator, "--estimator")
+    for name in ("n_eval_masks", "kendall_k", "n_permutations", "batch_size", "max_new_tokens"):
+        check_int(f"--{name.replace('_', '-')}", getattr(args, name), minimum=1)
+    check_int("--adversarial-steps", args.adversarial_steps, minimum=0)
+    for k in ks:
+        check_int("--ks", k, minimum=1)
     with DataParallel() as dp:
         device = dp.device(args.device)
         tasks = load_eval_tasks(args.tasks, args.split, args.sources, args.limit)
         mine = dp.shard(len(tasks))
         model = load_model(args.model, backend=args.backend, device=device)
-        methods = build_methods(model, [m for m in args.methods.split(",") if m.strip()], estimator=args.estimator,
+        check_loaded_kind(model, decoder=True, command="evaluate", name=args.model)
+        methods = build_methods(model, method_names, estimator=args.estimator,
                                 mode=args.mode, batch_size=args.batch_size, seed=args.seed)
         rows: list[dict[str, Any]] = []
         attrs: dict[str, Any] = {"ground_truth_forward_passes": 0}

@@ -16,7 +16,7 @@ from typing import Any
 
 from at2_lens._optional import require
 from at2_lens._validate import check_int
-from at2_lens.cli._args import add_classifier_args, load_classifier, set_threads
+from at2_lens.cli._args import add_classifier_args, check_classifier_args, load_classifier, set_threads
 from at2_lens.errors import InputError
 
 _DEFAULT_METHODS = "attattr,attention,taylor,random"
@@ -29,7 +29,7 @@ def add_heads_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="AttAttr head study: head importance by four methods and a head-pruning sweep on SST-2",
         description="Score every attention head by AttAttr (integrated gradients over attention), attention score, "
                     "Taylor expansion and at random on SST-2 training phrases, then mask the least important "
-                    "heads (0 %%, 10 %%, ..., 100 %%) and measure accuracy on SST-2 validation. Writes a CSV and a "
+                    "heads (0 %, 10 %, ..., 100 %) and measure accuracy on SST-2 validation. Writes a CSV and a "
                     "PNG plot; prints a markdown table (fraction pruned x method).",
     )
     add_classifier_args(heads)
@@ -95,6 +95,7 @@ def cmd_heads(args: argparse.Namespace) -> int:
     for name in ("n_importance", "n_fractions", "n_steps", "batch_size"):
         check_int(f"--{name.replace('_', '-')}", getattr(args, name), minimum=1)
     check_int("--n-eval", args.n_eval, minimum=0)
+    check_classifier_args(args, "heads")
     if args.plot:  # optional package: fail before the sweep, not after it
         require("matplotlib", "plot", "at2-lens heads (the --plot PNG; --plot '' skips it)")
     set_threads(args.threads)
@@ -105,7 +106,7 @@ def cmd_heads(args: argparse.Namespace) -> int:
     pick = sorted(random.Random(args.seed).sample(range(len(train_texts)), args.n_importance))
     imp_texts = [train_texts[i] for i in pick]
     imp_labels = [train_labels[i] for i in pick]
-    clf = load_classifier(args.model, args.head, args.backend)
+    clf = load_classifier(args.model, args.head, args.backend, args.device)
     fractions = [i / args.n_fractions for i in range(args.n_fractions + 1)]
     t0 = time.perf_counter()
     df = compare_pruning(

@@ -13,7 +13,7 @@ from typing import Any
 
 from at2_lens._optional import require
 from at2_lens._validate import check_int
-from at2_lens.cli._args import add_classifier_args, load_classifier, set_threads
+from at2_lens.cli._args import add_classifier_args, check_classifier_args, load_classifier, set_threads
 from at2_lens.errors import InputError
 
 
@@ -71,11 +71,12 @@ def cmd_tree(args: argparse.Namespace) -> int:
     # A half-open interval ([0, 1)), which at2_lens._validate.check_fraction does not offer.
     if not 0.0 <= args.threshold < 1.0:
         raise InputError(f"--threshold: expected a number in [0, 1), got {args.threshold}")
+    check_classifier_args(args, "tree")
     require("networkx", "graph", "at2-lens tree")  # optional packages: fail before loading the model
     if args.out:
         require("matplotlib", "plot", "at2-lens tree (drawing to --out; --out '' skips it)")
     set_threads(args.threads)
-    clf = load_classifier(args.model, args.head, args.backend)
+    clf = load_classifier(args.model, args.head, args.backend, args.device)
     tokens, mask = clf.tokenize([args.text])
     result = AttentionAttribution(clf.backend, classifier_output_func(clf)).attribute(
         tokens, attention_mask=mask, n_steps=args.n_steps

@@ -77,6 +77,17 @@ def build_method(
     raise InputError(f"methods: unknown method {name!r}; choose from {', '.join(METHOD_HELP)}")
 
 
+def check_method_names(names: Sequence[str]) -> None:
+    """Refuse an unknown method name without building anything (so the CLI checks ``--methods`` before loading)."""
+    simple = {"at2", "avg_attention", "last_layer_attention", "gradxinput"}
+    for name in names:
+        key = name.strip().lower()
+        if key not in simple and not any(r.match(key) for r in (_REFINED, _LOO, _CC, _IG)):
+            raise InputError(f"methods: unknown method {name!r}; choose from {', '.join(METHOD_HELP)}")
+    if not [n for n in names if n.strip()]:
+        raise InputError("methods: expected at least one method name")
+
+
 def _label(stem: str, mode: str) -> str:
     """Canonical label: mask-mode ablations carry no suffix, remove-mode ones ``_remove``."""
     return stem if mode == "mask" else f"{stem}_remove"

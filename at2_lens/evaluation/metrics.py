@@ -83,13 +83,22 @@ def lds_score(
     return spearman(predicted_outputs(scores, masks), actual.double())
 
 
+def topk_drop_defined(k: int, n_sources: int) -> bool:
+    """Whether top-k drop tells methods apart: ``k < n_sources`` (ablating all sources is the same for every
+    ranking)."""
+    return k < n_sources
+
+
 def topk_drop_from(
     ablate: AblationFn, scores: Tensor | Sequence[float], ks: Sequence[int], full: float | None = None
 ) -> dict[int, float]:
-    """Top-k drop with any ablation function: ``full − ablate(top-k removed)`` for every ``k`` (``k`` above the
-    number of sources gives NaN). ``full`` is the unablated output (computed with one more call if None)."""
+    """Top-k drop with any ablation function: ``full − ablate(top-k removed)`` for every ``k``. ``full`` is the
+    unablated output (computed with one more call if None).
+
+    ``k`` at or above the number of sources gives NaN: removing every source ranks nothing, so each method would get
+    the same value (the summaries of ``evaluate`` leave such rows out; see :func:`topk_drop_defined`)."""
     n = len(_np(scores))
-    valid = [k for k in ks if k <= n]
+    valid = [k for k in ks if topk_drop_defined(k, n)]
     out: dict[int, float] = {k: math.nan for k in ks}
     if not valid:
         return out

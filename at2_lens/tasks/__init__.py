@@ -10,6 +10,7 @@ character ↔ token ↔ source mapping.
   :func:`check_tasks` (refuse bad tasks before any model work), what every method and runner calls.
 """
 
+from at2_lens._defaults import DEFAULT_MAX_NEW_TOKENS
 from at2_lens.tasks.context import (
     PLAIN_TEMPLATE,
     ContextTask,
@@ -39,6 +40,7 @@ from at2_lens.tasks.spans import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_NEW_TOKENS",
     "PARTITIONERS",
     "PLAIN_TEMPLATE",
     "ContextTask",

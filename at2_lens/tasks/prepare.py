@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from at2_lens._defaults import DEFAULT_MAX_NEW_TOKENS
 from at2_lens._validate import check_int
 from at2_lens.errors import InputError
 from at2_lens.tasks.context import ContextTask, TargetSpan, TokenizedTask, as_target_span
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 def prepare_task(
     backend: Backend,
     task: ContextTask | TokenizedTask,
-    max_new_tokens: int = 64,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     target: TargetSpan | Sequence[int] | None = None,
 ) -> TokenizedTask:
     """Tokenize a task for ``backend``'s model, generating the response greedily when the task has none.
