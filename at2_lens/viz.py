@@ -59,8 +59,9 @@ class CircuitsVisView:
     Attributes:
         component: the CircuitsVis React component (``"ColoredTokens"``, ``"AttentionHeads"``).
         tokens: the tokens shown, as plain text.
-        props: the properties the component was given (JSON values). CircuitsVis inserts token strings into the
-            page as HTML, so ``props["tokens"]`` holds them HTML-escaped; ``tokens`` holds them as they are.
+        props: the properties the component was given (JSON values). ``ColoredTokens`` inserts token strings into
+            the page as HTML, so there ``props["tokens"]`` holds them HTML-escaped (``AttentionHeads`` draws them as
+            text and gets them as they are); ``tokens`` always holds them as they are.
         html: the HTML fragment: a ``<div>`` and a ``<script type="module">`` carrying the CircuitsVis bundle.
     """
 
@@ -92,16 +93,18 @@ class CircuitsVisView:
         return f"CircuitsVisView(component={self.component!r}, n_tokens={len(self.tokens)})"
 
 
-def _render(component: str, build: Any, tokens: Sequence[str], **props: Any) -> CircuitsVisView:
+def _render(component: str, build: Any, tokens: Sequence[str], *, html_tokens: bool, **props: Any) -> CircuitsVisView:
     """Call the CircuitsVis function ``build`` and keep its inline ("local") rendering, made safe to embed.
 
     CircuitsVis renders two ways: ``local_src`` inlines the bundle shipped in its wheel, ``cdn_src`` imports it from
     unpkg.com (its ``_repr_html_`` picks between them by trying to reach google.com). We always take the local one.
     The props are written into the script as JSON, where a ``</script>`` inside a token would end the script: every
-    ``<`` in them becomes ``\\u003c``, the same string to JavaScript.
+    ``<`` in them becomes ``\\u003c``, the same string to JavaScript. With ``html_tokens`` (a component that sets
+    each token as a node's inner HTML, like ``ColoredTokens``), tokens are HTML-escaped first, so text such as
+    ``<b>`` or ``&amp;`` shows as written.
     """
-    escaped = [html.escape(t, quote=False) for t in tokens]  # CircuitsVis puts tokens into the page as HTML
-    rendered = build(tokens=escaped, **props)
+    given_tokens = [html.escape(t, quote=False) for t in tokens] if html_tokens else list(tokens)
+    rendered = build(tokens=given_tokens, **props)
     source: str = rendered.local_src
     marker = f"CircuitsVis.{component},"
     start = source.rfind(marker)
@@ -176,8 +179,8 @@ def source_scores_view(result: SourceAttribution) -> CircuitsVisView:
     cv = _circuitsvis("SourceAttribution.to_circuitsvis")
     tokens, values = context_token_scores(result)
     top = max((abs(v) for v in values), default=0.0) or 1.0
-    return _render("ColoredTokens", cv.tokens.colored_tokens, tokens, values=values, min_value=-top, max_value=top,
-                   negative_color=NEGATIVE_COLOR, positive_color=POSITIVE_COLOR)
+    return _render("ColoredTokens", cv.tokens.colored_tokens, tokens, html_tokens=True, values=values,
+                   min_value=-top, max_value=top, negative_color=NEGATIVE_COLOR, positive_color=POSITIVE_COLOR)
 
 
 # -------------------------------------------------------------------------------------------------- top heads
@@ -300,5 +303,5 @@ def top_heads_attention(
     causal = bool((attention.triu(diagonal=1) == 0).all())
     rounded = np.round(attention.double().numpy(), 5).tolist()  # short numbers: the page holds k · seq² of them
     return _render("AttentionHeads", cv.attention.attention_heads, _token_strings(task, backend.tokenizer),
-                   attention=rounded, attention_head_names=[head_label(*h) for h in heads], min_value=0.0,
-                   max_value=1.0, mask_upper_tri=causal)
+                   html_tokens=False, attention=rounded, attention_head_names=[head_label(*h) for h in heads],
+                   min_value=0.0, max_value=1.0, mask_upper_tri=causal)

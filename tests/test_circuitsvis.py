@@ -28,7 +28,7 @@ from at2_lens import AT2Attribution, ContextTask, LinearEstimator, SourceAttribu
 from at2_lens.at2.estimator import model_fingerprint
 from at2_lens.backends import get_backend
 from at2_lens.errors import EstimatorFileError, InputError
-from at2_lens.viz import CircuitsVisView, context_token_scores
+from at2_lens.viz import CircuitsVisView, _render, context_token_scores
 from tests.conftest import BACKENDS
 from tests.test_browser_render import _result, _run, chromium
 
@@ -129,7 +129,7 @@ def test_top_heads_attention_draws_the_estimators_top_heads(tiny_llama_models: d
     task = result.task
     assert task is not None
     assert "".join(view.tokens) == task.text and len(view.tokens) == task.seq_len
-    assert props["tokens"] == [html.escape(t, quote=False) for t in view.tokens]
+    assert props["tokens"] == list(view.tokens)  # drawn as text on the chart: given as they are
     assert props["maskUpperTri"] is True  # a decoder's patterns
 
     _, cache = model.run_with_cache(task.input_ids[None])
@@ -166,6 +166,25 @@ def test_top_heads_attention_refuses_bad_input(tiny_llama: Any) -> None:
         top_heads_attention(tiny_llama, "some text", est)  # type: ignore[arg-type]
     with pytest.raises(InputError, match="ships no estimator"):
         top_heads_attention(tiny_llama, result)  # no shipped estimator fits the tiny model
+
+
+HOSTILE = ["<|im_start|>", " </script><script>alert(1)</script>", " a & b", " <!--", " \u2028"]
+
+
+def _hostile_heads_view() -> CircuitsVisView:
+    import circuitsvis.attention
+
+    n = len(HOSTILE)
+    attention = torch.tril(torch.ones(2, n, n)) / torch.arange(1, n + 1)[:, None]
+    return _render("AttentionHeads", circuitsvis.attention.attention_heads, HOSTILE, html_tokens=False,
+                   attention=attention, attention_head_names=["L0H1", "L2H3"])
+
+
+def test_token_text_cannot_break_out_of_the_script() -> None:
+    view = _hostile_heads_view()
+    _check_self_contained(view)
+    assert _props(view)["tokens"] == HOSTILE  # the same strings once the script reads them
+    assert "<script>alert" not in view.html and "<!--" not in view.html.split("CircuitsVis.render(")[-1]
 
 
 # ------------------------------------------------------------------------------------------------ the extra
@@ -345,6 +364,11 @@ def test_views_render_offline_in_chromium(tiny_llama: Any, tmp_path: Path) -> No
     probe, console, outside = open_offline(heads_view.save_html(tmp_path / "heads.html"), tmp_path)
     assert probe["errors"] == [] and console == [] and outside == []
     _check_heads_page(probe, heads_view)
+
+    hostile = _hostile_heads_view()  # tokens that would end the script, or open a comment, run as text
+    probe, console, outside = open_offline(hostile.save_html(tmp_path / "hostile.html"), tmp_path)
+    assert probe["errors"] == [] and console == [] and outside == []
+    _check_heads_page(probe, hostile)
 
 
 @pytest.mark.real
