@@ -25,9 +25,10 @@ import torch
 
 import at2_lens
 from at2_lens import AT2Attribution, ContextTask, LinearEstimator, SourceAttribution, top_heads, top_heads_attention
+from at2_lens._optional import EXTRAS
 from at2_lens.at2.estimator import model_fingerprint
 from at2_lens.backends import get_backend
-from at2_lens.errors import EstimatorFileError, InputError
+from at2_lens.errors import EstimatorFileError, InputError, OptionalDependencyError
 from at2_lens.viz import CircuitsVisView, _render, context_token_scores
 from tests.conftest import BACKENDS
 from tests.test_browser_render import _result, _run, chromium
@@ -195,7 +196,7 @@ def test_without_circuitsvis_the_error_names_the_extra(tiny_llama: Any, monkeypa
     monkeypatch.setitem(sys.modules, "circuitsvis", None)  # what a missing package looks like to import
     with pytest.raises(ImportError, match=re.escape("pip install 'at2_lens[circuitsvis]'")) as info:
         result.to_circuitsvis()
-    assert info.value.name == "circuitsvis" and "to_circuitsvis" in str(info.value)
+    assert isinstance(info.value, OptionalDependencyError) and "to_circuitsvis" in str(info.value)
     with pytest.raises(ImportError, match=re.escape("at2_lens[circuitsvis]")):
         top_heads_attention(tiny_llama, result, est, k=2)
 
@@ -213,6 +214,7 @@ def test_pyproject_declares_the_extra() -> None:
     extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert any(r.startswith("circuitsvis") for r in extras["circuitsvis"])
     assert any(r.startswith("circuitsvis") for r in extras["dev"])
+    assert EXTRAS["circuitsvis"] == "circuitsvis"  # the one helper that names extras knows it
     assert "top_heads_attention" in at2_lens.__all__
 
 
