@@ -35,6 +35,7 @@ _EXPORTS: dict[str, str] = {
     "ablate_heads": "at2_lens.head_ablation",
     "knockout_sources": "at2_lens.head_ablation",
     "top_heads": "at2_lens.head_ablation",
+    "top_heads_attention": "at2_lens.viz",
 }
 
 __all__ = [
@@ -63,6 +64,7 @@ __all__ = [
     "load_model",
     "to_llm_attribution_result",
     "top_heads",
+    "top_heads_attention",
 ]
 
 
@@ -90,3 +92,4 @@ if TYPE_CHECKING:
     from at2_lens.models import load_model
     from at2_lens.results import SourceAttribution
     from at2_lens.tasks import ContextTask, TargetSpan, TokenizedTask
+    from at2_lens.viz import top_heads_attention

@@ -17,6 +17,7 @@ EXTRAS: dict[str, str] = {
     "networkx": "graph",  # AttAttr attribution trees
     "gguf": "smollm2",  # reading GGUF files: the embedded SmolLM2 ships as one
     "datasets": "hub",  # Hugging Face dataset names as task sources (tasks/hub.py gives its own HubDatasetError)
+    "circuitsvis": "circuitsvis",  # CircuitsVis views (at2_lens/viz.py)
 }
 """Top-level optional module -> the extra of ``pyproject.toml`` that installs it."""
 

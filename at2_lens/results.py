@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     import pandas as pd
     from rich.text import Text
 
+    from at2_lens.viz import CircuitsVisView
+
 
 def _preview(text: str, n: int = 40) -> str:
     """``text`` on one line, cut to ``n`` characters."""
@@ -363,6 +365,19 @@ class SourceAttribution:
 
     def _repr_html_(self) -> str:
         return self.to_html()
+
+    def to_circuitsvis(self) -> CircuitsVisView:
+        """A CircuitsVis ``colored_tokens`` view of the context: each token shaded by its source's score (0 outside
+        every source); orange positive, blue negative, white 0.
+
+        Tokens are the tokenized task's (``self.task``), or words for a result without one. The view's HTML inlines
+        the CircuitsVis bundle, so it shows offline; ``view.save_html(path)`` writes it as a page. Needs the
+        ``circuitsvis`` extra (``pip install 'at2_lens[circuitsvis]'``); without it this raises an ImportError saying
+        so. See :mod:`at2_lens.viz`.
+        """
+        from at2_lens.viz import source_scores_view
+
+        return source_scores_view(self)
 
     def __rich__(self) -> Text:
         from rich.text import Text

@@ -56,6 +56,13 @@ def test_user_cache_and_own_tokens_names_are_public() -> None:
     assert callable(at2_lens.TokenizedTask.from_tokens)
 
 
+def test_circuitsvis_helper_is_public() -> None:
+    """Issue #18: the CircuitsVis views are reachable from ``at2_lens`` (CircuitsVis itself stays optional)."""
+    assert "top_heads_attention" in at2_lens.__all__
+    assert at2_lens.top_heads_attention.__module__ == "at2_lens.viz"
+    assert callable(at2_lens.SourceAttribution.to_circuitsvis)
+
+
 def test_star_import_gives_all() -> None:
     assert len(set(at2_lens.__all__)) == len(at2_lens.__all__)
     namespace: dict[str, object] = {}
