@@ -182,7 +182,7 @@ def test_cli_attribute_and_tree_save(tmp_path: Path, capsys: pytest.CaptureFixtu
 
     llama = save_tiny("llama", tmp_path / "llama")
     saved = tmp_path / "out" / "result.safetensors"
-    assert main(["attribute", "--model", str(llama), "--context", "The cat sat. The dog ran.", "--query", "Who?",
+    assert main(["attribute", "--model", str(llama), "--context-text", "The cat sat. The dog ran.", "--query", "Who?",
                  "--response", "The cat.", "--html", "", "--save", str(saved)]) == 0
     loaded = SourceAttribution.load(saved)
     assert loaded.response == "The cat." and loaded.n_sources == 2 and loaded.task is not None
