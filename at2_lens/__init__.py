@@ -24,6 +24,7 @@ _EXPORTS: dict[str, str] = {
     "load_estimator": "at2_lens.at2.pretrained",
     "LinearEstimator": "at2_lens.at2.estimator",
     "SourceAttribution": "at2_lens.results",
+    "SentenceAttributions": "at2_lens.results",
     "AttentionAttribution": "at2_lens.attattr",
     "SelfAttentionAttribution": "at2_lens.attattr",
     "PooledOutput": "at2_lens.attattr",
@@ -50,6 +51,7 @@ __all__ = [
     "LinearEstimator",
     "PooledOutput",
     "SelfAttentionAttribution",
+    "SentenceAttributions",
     "SourceAttribution",
     "TargetSpan",
     "TokenizedTask",
@@ -90,6 +92,6 @@ if TYPE_CHECKING:
     from at2_lens.head_ablation import ablate_heads, ablate_heads_hooks, knockout_sources, top_heads
     from at2_lens.interop import CaptumLM, to_llm_attribution_result
     from at2_lens.models import load_model
-    from at2_lens.results import SourceAttribution
+    from at2_lens.results import SentenceAttributions, SourceAttribution
     from at2_lens.tasks import ContextTask, TargetSpan, TokenizedTask
     from at2_lens.viz import top_heads_attention

@@ -1,5 +1,6 @@
 """Self-contained HTML reports: query, response with the target marked (per-token scores on hover), the
-highlighted context and the estimator's per-head weights heatmap."""
+highlighted context and the estimator's per-head weights heatmap; or, for per-sentence results, the response as a
+citation view (each sentence followed by markers linking to its top sources)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 from torch import Tensor
 
 from at2_lens.files import atomic_write_bytes
-from at2_lens.results import SourceAttribution
+from at2_lens.results import SentenceAttributions, SourceAttribution
 
 
 def head_heatmap_html(weights: Tensor, title: str = "Estimator weight per head") -> str:
@@ -32,8 +33,8 @@ def head_heatmap_html(weights: Tensor, title: str = "Estimator weight per head")
 
 
 def write_report(
-    path: str | Path, result: SourceAttribution, head_weights: Tensor | None = None, *, title: str = "at2_lens",
-    query: str | None = None,
+    path: str | Path, result: SourceAttribution | SentenceAttributions, head_weights: Tensor | None = None, *,
+    title: str = "at2_lens", query: str | None = None, citations: int = 3,
 ) -> Path:
     """Write a self-contained HTML report (atomically; no script, no external request) and return its path.
 
@@ -41,12 +42,23 @@ def write_report(
     known), the whole response with the target marked, each target token's own scores on hover when per-token
     scores were computed (``attribute(..., per_token=True)``), the context shaded by source score, the top sources,
     and ``head_weights`` as a heatmap when given.
+
+    A :class:`~at2_lens.results.SentenceAttributions` (``AT2Attribution.attribute_sentences``) is shown as a
+    citation view instead: the response with each sentence followed by markers ``[n]`` for its top ``citations``
+    sources (hover for score and text, click for the source), then the cited sources.
     """
     body = [f"<h1>{html.escape(title)}</h1>"]
-    query = query if query is not None else result.query
+    if isinstance(result, SentenceAttributions):
+        known = result.sentences[0].attribution.query if len(result) else None
+        query = query if query is not None else known
+    else:
+        query = query if query is not None else result.query
     if query is None:
         body.append('<p><b>Query:</b> <i class="at2-query-missing">(not recorded with this result)</i></p>')
-    body.append(result.to_html(top=min(10, result.n_sources), query=query))
+    if isinstance(result, SentenceAttributions):
+        body.append(result.to_html(citations, query=query))
+    else:
+        body.append(result.to_html(top=min(10, result.n_sources), query=query))
     if head_weights is not None:
         body.append(head_heatmap_html(head_weights))
     page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>"

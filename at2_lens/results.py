@@ -16,9 +16,10 @@ format version) and ``SourceAttribution.load(path)`` reads it back without execu
 from __future__ import annotations
 
 import html
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple, overload
 
 import torch
 from jaxtyping import Float
@@ -396,6 +397,139 @@ class SourceAttribution:
     def __repr__(self) -> str:
         top = ", ".join(f"#{i} {s:.3g}" for i, _, s in self.top_k(min(3, self.n_sources)))
         return f"SourceAttribution(method={self.method!r}, n_sources={self.n_sources}, top=[{top}])"
+
+
+# ------------------------------------------------------------------------------------------- per-sentence results
+def _cite_title(i: int, score: float, text: str) -> str:
+    """Hover text of citation marker ``[i + 1]``."""
+    return f"[{i + 1}] source {i}: score {score:.4g} - {_preview(text, 80)}"
+
+
+class SentenceAttribution(NamedTuple):
+    """One sentence of a response: its text, its ``(start, end)`` characters in the response, and its attribution."""
+
+    text: str
+    span: Span
+    attribution: SourceAttribution
+
+
+@dataclass(frozen=True)
+class SentenceAttributions(Sequence[SentenceAttribution]):
+    """Every sentence of one response with its own attribution (``AT2Attribution.attribute_sentences``).
+
+    A sequence of :class:`SentenceAttribution` ``(text, span, attribution)`` in response order. ``extra`` holds the
+    cost of the whole call (``forward_passes``: one feature pass for all sentences; each sentence's own
+    ``attribution.extra["forward_passes"]`` is its share, so they sum to the call's). Rendered as a citation view:
+    the response with each sentence followed by bracketed markers ``[n]`` naming its top sources (numbered from 1,
+    source ``n - 1`` of the context), in HTML (``to_html``, a notebook's ``_repr_html_``) and in a terminal
+    (``__rich__``).
+
+    A citation is a top-``k`` source with a positive score (a score of 0 or less says the sentence does not rely
+    on the source).
+    """
+
+    sentences: tuple[SentenceAttribution, ...]
+    response: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.sentences)
+
+    @overload
+    def __getitem__(self, i: int) -> SentenceAttribution: ...
+    @overload
+    def __getitem__(self, i: slice) -> tuple[SentenceAttribution, ...]: ...
+    def __getitem__(self, i: int | slice) -> SentenceAttribution | tuple[SentenceAttribution, ...]:
+        return self.sentences[i]
+
+    @property
+    def source_texts(self) -> tuple[str, ...]:
+        """The context's sources (the same for every sentence)."""
+        return self.sentences[0].attribution.source_texts if self.sentences else ()
+
+    def top(self, k: int = 3) -> list[list[tuple[int, str, float]]]:
+        """Per sentence, its ``k`` highest-scoring sources as ``(index, text, score)`` (``SourceAttribution.top_k``)."""
+        check_int("k", k)
+        return [s.attribution.top_k(k) for s in self.sentences]
+
+    def citations(self, k: int = 3) -> list[list[int]]:
+        """Per sentence, the source indices it cites: its top-``k`` sources with a positive score, best first."""
+        return [[i for i, _, score in row if score > 0] for row in self.top(k)]
+
+    def _gaps(self) -> list[tuple[str, int | None]]:
+        """The response cut into (text, sentence index or None for the text between sentences) pieces in order."""
+        pieces: list[tuple[str, int | None]] = []
+        pos = 0
+        for n, s in enumerate(self.sentences):
+            a, b = s.span
+            if a > pos:
+                pieces.append((self.response[pos:a], None))
+            pieces.append((self.response[a:b], n))
+            pos = b
+        if pos < len(self.response):
+            pieces.append((self.response[pos:], None))
+        return pieces
+
+    def to_html(self, k: int = 3, *, query: str | None = None, id_prefix: str = "at2") -> str:
+        """Self-contained HTML citation view (no script): the query when known, the response with each sentence
+        followed by markers ``[n]`` linking to source ``n - 1`` in the list of cited sources below (hover a marker
+        for the source's score and text), then that list. ``id_prefix`` keeps the anchors of several views on one
+        page apart."""
+        cites = self.citations(k)
+        sources = self.source_texts
+        parts = []
+        for text, n in self._gaps():
+            if n is None:
+                parts.append(html.escape(text))
+                continue
+            att = self.sentences[n].attribution
+            marks = "".join(
+                f'<a class="at2-cite" data-source="{i}" href="#{id_prefix}-src-{i}" '
+                f'title="{html.escape(_cite_title(i, float(att.scores[i]), sources[i]))}"'
+                f' style="text-decoration:none">[{i + 1}]</a>'
+                for i in cites[n]
+            )
+            parts.append(f'<span class="at2-sentence" data-sentence="{n}">{html.escape(text)}</span>'
+                         f'<sup class="at2-citations">{marks}</sup>')
+        cited = sorted({i for row in cites for i in row})
+        items = "".join(f'<li id="{id_prefix}-src-{i}" value="{i + 1}" data-source="{i}">{html.escape(sources[i])}'
+                        "</li>" for i in cited)
+        query = query if query is not None else (self.sentences[0].attribution.query if self.sentences else None)
+        method = self.sentences[0].attribution.method if self.sentences else ""
+        head = f"<p><b>Method:</b> {html.escape(method)} &middot; <b>Citations:</b> top {k} sources per sentence</p>"
+        if query is not None:
+            head += f'<p><b>Query:</b> <span class="at2-query">{html.escape(query)}</span></p>'
+        return ('<div class="at2-lens-sentences" style="font-family:sans-serif;line-height:1.6">'
+                f'{head}<p><b>Response:</b> <span class="at2-response" style="white-space:pre-wrap">{"".join(parts)}'
+                f'</span></p><p><b>Sources cited:</b></p><ol class="at2-cited-sources">{items}</ol></div>')
+
+    def _repr_html_(self) -> str:
+        return self.to_html()
+
+    def to_rich(self, k: int = 3) -> Text:
+        """The citation view for a terminal: each sentence followed by its markers ``[n]``, then the cited sources."""
+        from rich.text import Text
+
+        cites = self.citations(k)
+        out = Text()
+        for text, n in self._gaps():
+            out.append(text)
+            if n is not None:
+                out.append("".join(f"[{i + 1}]" for i in cites[n]), style="bold cyan")
+        cited = sorted({i for row in cites for i in row})
+        if cited:
+            out.append("\n\nSources cited:\n", style="bold")
+        for i in cited:
+            out.append(f"[{i + 1}] ", style="bold cyan")
+            out.append(_preview(self.source_texts[i], 100) + "\n")
+        return out
+
+    def __rich__(self) -> Text:
+        return self.to_rich()
+
+    def __repr__(self) -> str:
+        return (f"SentenceAttributions(n_sentences={len(self)}, citations={self.citations()}, "
+                f"forward_passes={self.extra.get('forward_passes')})")
 
 
 # --------------------------------------------------------------------------------------------------- file helpers

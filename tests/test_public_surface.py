@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Every sub-command and every option it takes, as users call them. A missing option is a broken command line.
 _MODEL = ["--model", "--backend", "--device"]
-_ATTRIBUTION = [*_MODEL, "--estimator", "--sources", "--top", "--max-new-tokens", "--html", "--json", "--save"]
+_ATTRIBUTION = [*_MODEL, "--estimator", "--sources", "--top", "--per-sentence", "--max-new-tokens", "--html", "--json",
+                "--save"]
 _CLASSIFIER = [*_MODEL, "--head", "--threads"]
 SUBCOMMANDS: dict[str, list[str]] = {
     "demo": [*_ATTRIBUTION, "--context", "--context-text", "--question"],

@@ -34,7 +34,7 @@ from at2_lens.at2.estimator import (
 from at2_lens.at2.pretrained import default_estimator_for
 from at2_lens.backends import get_backend
 from at2_lens.errors import InputError, NumericalError
-from at2_lens.results import SourceAttribution
+from at2_lens.results import SentenceAttribution, SentenceAttributions, SourceAttribution
 from at2_lens.tasks import (
     DEFAULT_MAX_NEW_TOKENS,
     ContextTask,
@@ -43,6 +43,7 @@ from at2_lens.tasks import (
     prepare_task,
     prepare_task_unchecked,
 )
+from at2_lens.tasks.sources import split_sentences
 
 _CACHE_SIZE = 8
 
@@ -136,10 +137,7 @@ class AT2Attribution(Attribution):
         self._check_prompt_format(task)
         t_range = task.target_token_range
         assert t_range is not None and task.response is not None and task.target_text is not None
-        feats = fpass.features(t_range)
-        scores = self.estimator.calibrated(self.estimator.score(feats))
-        if not torch.isfinite(scores).all():
-            raise NumericalError("scores: the estimator produced NaN or inf scores from finite features")
+        scores = self._scores(fpass, t_range)
         token_scores = target_tokens = None
         if per_token:
             t0, t1 = t_range
@@ -147,10 +145,64 @@ class AT2Attribution(Attribution):
             token_scores = self.estimator.calibrated(self.estimator.score(fpass.row_features[r0 : r0 + (t1 - t0)]))
             target_tokens = task.target_tokens(self.backend.tokenizer)
         return SourceAttribution.from_task(
-            task, scores, method="AT2" if self.estimator.training else "average attention (uniform AT2 weights)",
-            units=self.estimator.units, forward_passes=self.forward_passes - before,
+            task, scores, method=self._method, units=self.estimator.units, forward_passes=self.forward_passes - before,
             token_scores=token_scores, target_tokens=target_tokens,
         )
+
+    def attribute_sentences(
+        self, inputs: ContextTask | TokenizedTask, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, cache: Any = None,
+    ) -> SentenceAttributions:
+        """Attribute every sentence of the response on its own, from one feature pass in all.
+
+        The response (generated greedily when ``inputs`` has none) is cut with
+        :func:`~at2_lens.tasks.sources.split_sentences`; each sentence's scores equal
+        ``attribute(inputs, target=sentence_span)``. The cost is that of one ``attribute`` call (none when the
+        response's pass is already cached): ``result.extra["forward_passes"]``, and the sentences' own counts sum to
+        it (the first sentence carries it). Any target set on ``inputs`` is ignored: every sentence is a target.
+        ``cache`` reads the attention from your ``ActivationCache`` of a pass over the task's tokens, as in
+        :meth:`attribute` (no forward pass; the task must have a response).
+
+        Returns:
+            a :class:`~at2_lens.results.SentenceAttributions`: ``(text, span, attribution)`` per sentence, with
+            ``top(k)``/``citations(k)`` and a citation view (HTML and terminal).
+        """
+        before = self.forward_passes
+        if cache is None:
+            task, fpass = self._prepared_pass(inputs, None, max_new_tokens)
+        else:
+            check_cache_inputs(inputs, cache)
+            task = prepare_task(self.backend, inputs, max_new_tokens, None)
+            if task.target_token_range != task.response_token_range:  # a TokenizedTask keeps its own target
+                task = task.with_target()
+            fpass = self._cached_feature_pass(task, cache)
+        self._check_prompt_format(task)
+        assert task.response is not None
+        spans = split_sentences(task.response)
+        if not spans:
+            raise InputError("response: has no sentence to attribute (it is empty or only whitespace)")
+        passes = self.forward_passes - before
+        out = []
+        for n, span in enumerate(spans):
+            sub = task.with_target(char_range=span)
+            assert sub.target_token_range is not None
+            result = SourceAttribution.from_task(
+                sub, self._scores(fpass, sub.target_token_range), method=self._method, units=self.estimator.units,
+                forward_passes=passes if n == 0 else 0,
+            )
+            out.append(SentenceAttribution(task.response[span[0] : span[1]], span, result))
+        return SentenceAttributions(tuple(out), task.response,
+                                    extra={"forward_passes": passes, "backward_passes": 0})
+
+    @property
+    def _method(self) -> str:
+        return "AT2" if self.estimator.training else "average attention (uniform AT2 weights)"
+
+    def _scores(self, fpass: FeaturePass, t_range: tuple[int, int]) -> torch.Tensor:
+        """The calibrated scores of the target rows ``t_range`` (absolute token positions) of a feature pass."""
+        scores = self.estimator.calibrated(self.estimator.score(fpass.features(t_range)))
+        if not torch.isfinite(scores).all():
+            raise NumericalError("scores: the estimator produced NaN or inf scores from finite features")
+        return scores
 
     def _prepared_pass(
         self, inputs: ContextTask | TokenizedTask, target: TargetSpan | Sequence[int] | None, max_new_tokens: int

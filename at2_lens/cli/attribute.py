@@ -41,7 +41,12 @@ def _add_common_args(p: argparse.ArgumentParser) -> None:
                         "is one, else uniform weights (average attention)")
     p.add_argument("--sources", default="sentence", choices=["token", "word", "sentence", "document"],
                    help="source granularity: what the context is cut into and scored (default: sentence)")
-    p.add_argument("--top", type=int, default=5, help="how many top sources to print (default: 5)")
+    p.add_argument("--top", type=int, default=None,
+                   help="how many top sources to print (default: 5); with --per-sentence, how many each sentence "
+                        "cites (default: 3)")
+    p.add_argument("--per-sentence", action="store_true",
+                   help="attribute every sentence of the response on its own (one feature pass in all) and show the "
+                        "response as a citation view: each sentence followed by [n] markers naming its top sources")
     add_max_new_tokens_arg(p, "when the response is generated")
     p.add_argument("--html", default=DEFAULT_REPORT,
                    help=f"where to write the HTML report (default: {DEFAULT_REPORT}); '' to skip")
@@ -127,7 +132,14 @@ def _check_common(args: argparse.Namespace, command: str) -> None:
     check_model_kind(args.model, decoder=True, command=command)
     check_device(args.device)
     check_file(args.estimator, "--estimator")
+    if args.top is None:
+        args.top = 3 if args.per_sentence else 5
     check_int("--top", args.top, minimum=1)
+    if args.per_sentence and args.save:
+        raise InputError("--save: saves one SourceAttribution and cannot be used with --per-sentence "
+                         "(use --json for every sentence's scores)")
+    if args.per_sentence and getattr(args, "target", None) is not None:
+        raise InputError("--target: cannot be used with --per-sentence (every sentence is a target)")
     check_int("--max-new-tokens", args.max_new_tokens, minimum=1)
 
 
@@ -154,6 +166,24 @@ def _print_result(result: Any, top: int) -> None:
     console.print(table)
 
 
+def _print_sentences(result: Any, k: int) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+
+    console = Console()
+    method = result.sentences[0].attribution.method
+    console.print(f"[bold]Method:[/bold] {escape(method)} (each sentence cites its top {k} sources)\n")
+    console.print(result.to_rich(k))
+
+
+def _sentences_json(result: Any) -> dict[str, Any]:
+    return {
+        "response": result.response, "method": result.sentences[0].attribution.method,
+        "sources": list(result.source_texts),
+        "sentences": [{"text": text, "span": list(span), "scores": att.scores.tolist()} for text, span, att in result],
+    }
+
+
 def _attribute(args: argparse.Namespace, task: Any) -> int:
     """Attribute ``task`` with AT2 as configured by ``args``; print the top sources, write the report and JSON."""
     from at2_lens import load_model
@@ -165,6 +195,19 @@ def _attribute(args: argparse.Namespace, task: Any) -> int:
     check_loaded_kind(model, decoder=True, command=args.command, name=args.model)
     estimator = args.estimator if args.estimator else default_estimator_for(model)
     at2 = AT2Attribution(model, estimator=estimator)
+    if args.per_sentence:
+        sentences = at2.attribute_sentences(task, max_new_tokens=args.max_new_tokens)
+        _print_sentences(sentences, args.top)
+        if args.html:
+            path = write_report(args.html, sentences, at2.head_weights, title="at2_lens: AT2 citations",
+                                query=task.query, citations=args.top)
+            print(f"HTML report written to {path.resolve()}")
+        if args.json:
+            from at2_lens.files import atomic_write_text
+
+            atomic_write_text(args.json, json.dumps(_sentences_json(sentences), indent=2, ensure_ascii=False))
+            print(f"JSON scores written to {Path(args.json).resolve()}")
+        return 0
     result = at2.attribute(task, max_new_tokens=args.max_new_tokens)
     _print_result(result, args.top)
     if args.html:
