@@ -19,6 +19,8 @@ import at2_lens
 from at2_lens._optional import EXTRAS, require
 from at2_lens.errors import At2LensError, OptionalDependencyError
 
+pytestmark = pytest.mark.line_independent
+
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
 OPTIONAL = tuple(EXTRAS)  # networkx, matplotlib, gguf, datasets
