@@ -62,7 +62,7 @@ test-tl4: .venv/.ready docs
 # The faithfulness benchmark at reduced size (the README table comes from the full run of the same script), on the
 # SQuAD 2.0 subset shipped in at2_lens/data/.
 bench-small: .venv/.ready
-	.venv/bin/python benchmarks/bench_faithfulness.py --small --limit 2
+	.venv/bin/python benchmarks/bench_faithfulness.py --small --limit 1
 	.venv/bin/python benchmarks/bench_faithfulness.py --small --suite multidoc --limit 1
 
 # The notebooks, executed top to bottom on the real models and the shipped data (a failing cell fails the target).
