@@ -285,3 +285,16 @@ def read_bytes(path: Path) -> bytes:
     """Read a whole file into memory."""
     with open(path, "rb") as fh:
         return fh.read()
+
+
+def read_named_file(path: Path, what: str, error: type[Exception]) -> bytes:
+    """The bytes of the ``what`` file at ``path`` (e.g. ``"estimator"``); ``error`` with a message naming it when the
+    path is missing, is not a file, or cannot be read."""
+    if not path.exists():
+        raise error(f"{what} file not found: {path}")
+    if not path.is_file():
+        raise error(f"{what} path is not a file: {path}")
+    try:
+        return read_bytes(path)
+    except OSError as exc:
+        raise error(f"cannot read {what} file {path}: {exc}") from None

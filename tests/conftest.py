@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -89,3 +90,22 @@ def minilm() -> object:
     from at2_lens.models import load_model
 
     return load_model("minilm")
+
+
+def break_cached_decoding(monkeypatch: pytest.MonkeyPatch, backend: Any) -> list[bool]:
+    """Make ``backend``'s KV-cached decoding wrong as TL 4.3 bridges under transformers 5.24 do (the first token is
+    right, the rest a repeated token); returns the ``use_cache`` flag of every later generation call."""
+    import torch
+
+    real = backend._generate
+    calls: list[bool] = []
+
+    def generate(ids: torch.Tensor, limit: int, eos: int | None, *, use_cache: bool) -> torch.Tensor:
+        calls.append(use_cache)
+        out = real(ids, limit, eos, use_cache=use_cache)
+        if use_cache:
+            out = torch.cat([out[:1], torch.full((len(out) - 1,), int(out[0]) ^ 1)])
+        return out
+
+    monkeypatch.setattr(backend, "_generate", generate)
+    return calls

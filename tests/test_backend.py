@@ -7,7 +7,7 @@ import torch
 
 from at2_lens.backends import Backend, get_backend, model_kind
 from at2_lens.errors import InputError, ModelNotSupportedError
-from tests.conftest import BACKENDS, HOOKED_AVAILABLE, sdpa_bert_bridge
+from tests.conftest import BACKENDS, HOOKED_AVAILABLE, break_cached_decoding, sdpa_bert_bridge
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
@@ -152,17 +152,7 @@ def test_broken_cached_generation_is_detected_and_redone_without_the_cache(tiny_
     b = Backend(tiny_llama)
     prompt = torch.tensor([256, 72, 101, 108, 108, 111])
     want = _uncached_greedy(b, prompt, 6)
-    real = b._generate
-    calls: list[bool] = []
-
-    def generate(ids: torch.Tensor, limit: int, eos: int | None, *, use_cache: bool) -> torch.Tensor:
-        calls.append(use_cache)
-        out = real(ids, limit, eos, use_cache=use_cache)
-        if use_cache:  # what the broken combination does: the first token is right, the rest a repeated token
-            out = torch.cat([out[:1], torch.full((len(out) - 1,), int(out[0]) ^ 1)])
-        return out
-
-    monkeypatch.setattr(b, "_generate", generate)
+    calls = break_cached_decoding(monkeypatch, b)
     with pytest.warns(RuntimeWarning, match="KV cache disagrees"):
         got = b.generate_greedy(prompt, max_new_tokens=6)
     assert torch.equal(got, want) and calls == [True, False]

@@ -14,7 +14,7 @@ from at2_lens.at2.attribution import AT2Attribution
 from at2_lens.backends import Backend, get_backend
 from at2_lens.results import SourceAttribution
 from at2_lens.tasks import ContextTask, prepare_task
-from tests.conftest import BACKENDS
+from tests.conftest import BACKENDS, break_cached_decoding
 
 CONTEXT = [
     "The cat sat on the mat. Dogs bark loudly at night.",
@@ -85,17 +85,7 @@ def test_a_failed_check_regenerates_without_the_cache(tiny_llama: Any, monkeypat
     response is generated again without the cache, with a warning, and read in a second pass."""
     backend = Backend(tiny_llama)  # its own facts: marking the cache broken must not leak into other tests
     at2 = AT2Attribution(backend)
-    real = backend._generate
-    calls: list[bool] = []
-
-    def generate(ids: torch.Tensor, limit: int, eos: int | None, *, use_cache: bool) -> torch.Tensor:
-        calls.append(use_cache)
-        out = real(ids, limit, eos, use_cache=use_cache)
-        if use_cache:  # what the broken combination does: the first token is right, the rest a repeated token
-            out = torch.cat([out[:1], torch.full((len(out) - 1,), int(out[0]) ^ 1)])
-        return out
-
-    monkeypatch.setattr(backend, "_generate", generate)
+    calls = break_cached_decoding(monkeypatch, backend)
     with pytest.warns(RuntimeWarning, match="KV cache disagrees"):
         res = at2.attribute(_task(), max_new_tokens=6)
     assert calls == [True, False] and backend.facts.cached_generation_broken

@@ -128,13 +128,7 @@ class AT2Attribution(Attribution):
                 must have a response; see :func:`~at2_lens.ablation.user_cache.cache_filter`.
         """
         before = self.forward_passes
-        if cache is None:
-            task, fpass = self._prepared_pass(inputs, target, max_new_tokens)
-        else:
-            check_cache_inputs(inputs, cache)
-            task = prepare_task(self.backend, inputs, max_new_tokens, target)
-            fpass = self._cached_feature_pass(task, cache)
-        self._check_prompt_format(task)
+        task, fpass = self._task_and_pass(inputs, target, max_new_tokens, cache)
         t_range = task.target_token_range
         assert t_range is not None and task.response is not None and task.target_text is not None
         scores = self._scores(fpass, t_range)
@@ -167,15 +161,7 @@ class AT2Attribution(Attribution):
             ``top(k)``/``citations(k)`` and a citation view (HTML and terminal).
         """
         before = self.forward_passes
-        if cache is None:
-            task, fpass = self._prepared_pass(inputs, None, max_new_tokens)
-        else:
-            check_cache_inputs(inputs, cache)
-            task = prepare_task(self.backend, inputs, max_new_tokens, None)
-            if task.target_token_range != task.response_token_range:  # a TokenizedTask keeps its own target
-                task = task.with_target()
-            fpass = self._cached_feature_pass(task, cache)
-        self._check_prompt_format(task)
+        task, fpass = self._task_and_pass(inputs, None, max_new_tokens, cache, whole_response=True)
         assert task.response is not None
         spans = split_sentences(task.response)
         if not spans:
@@ -204,6 +190,24 @@ class AT2Attribution(Attribution):
             raise NumericalError("scores: the estimator produced NaN or inf scores from finite features")
         return scores
 
+    def _task_and_pass(
+        self, inputs: ContextTask | TokenizedTask, target: TargetSpan | Sequence[int] | None, max_new_tokens: int,
+        cache: Any, *, whole_response: bool = False,
+    ) -> tuple[TokenizedTask, FeaturePass]:
+        """The prepared task and its feature pass: AT2's own (cached) pass, or the rows read from the user's
+        ``cache`` (checked first). ``whole_response``: a cache is read for every response row, not only a target a
+        ``TokenizedTask`` brought. Warns when the prompt format differs from the estimator's."""
+        if cache is None:
+            task, fpass = self._prepared_pass(inputs, target, max_new_tokens)
+        else:
+            check_cache_inputs(inputs, cache)
+            task = prepare_task(self.backend, inputs, max_new_tokens, target)
+            if whole_response and task.target_token_range != task.response_token_range:
+                task = task.with_target()  # a TokenizedTask keeps its own target
+            fpass = self._cached_feature_pass(task, cache)
+        self._check_prompt_format(task)
+        return task, fpass
+
     def _prepared_pass(
         self, inputs: ContextTask | TokenizedTask, target: TargetSpan | Sequence[int] | None, max_new_tokens: int
     ) -> tuple[TokenizedTask, FeaturePass]:
@@ -216,7 +220,7 @@ class AT2Attribution(Attribution):
             return task, fpass
         r0, r1 = task.response_token_range or (0, 0)
         assert fpass.greedy_tokens is not None and fpass.target_range == (r0, r1)
-        if self.backend.confirm_greedy(task.input_ids[r0:r1], fpass.greedy_tokens, stacklevel=3):
+        if self.backend.confirm_greedy(task.input_ids[r0:r1], fpass.greedy_tokens, stacklevel=4):
             return task, fpass
         task = prepare_task(self.backend, inputs, max_new_tokens, target)  # the cache is now known broken
         return task, self._feature_pass(task)
@@ -227,7 +231,7 @@ class AT2Attribution(Attribution):
         why = prompt_format_mismatch(self.estimator.prompt_format, used)
         if why is not None and used["name"] not in self._warned_formats:
             self._warned_formats.add(used["name"])
-            warnings.warn(f"AT2: {why}", UserWarning, stacklevel=3)
+            warnings.warn(f"AT2: {why}", UserWarning, stacklevel=4)
 
     def _feature_pass(self, task: TokenizedTask) -> FeaturePass:
         """The cached per-row features of the whole response, computing them on first use."""

@@ -43,7 +43,7 @@ from at2_lens.ablation import DEFAULT_LAYOUT
 from at2_lens.at2.estimator import LinearEstimator, model_fingerprint
 from at2_lens.backends import get_backend
 from at2_lens.errors import EstimatorFileError, InputError
-from at2_lens.files import canonical_json, read_bytes, sniff_unsafe_format
+from at2_lens.files import canonical_json, read_named_file, sniff_unsafe_format
 
 REFERENCE_PACKAGE = "at2 0.0.1 (the AT2 authors' package)"
 REFERENCE_KEYS = ("class", "state_dict", "feature_extractor", "kwargs", "extras")
@@ -80,14 +80,7 @@ def _refusal_reason(exc: Exception) -> str:
 
 def _load_weights_only(path: Path) -> tuple[Any, bytes]:
     """``torch.load(weights_only=True)`` of a file that must be a torch.save / pickle file, and the file's bytes."""
-    if not path.exists():
-        raise EstimatorFileError(f"reference estimator file not found: {path}")
-    if not path.is_file():
-        raise EstimatorFileError(f"reference estimator path is not a file: {path}")
-    try:
-        data = read_bytes(path)
-    except OSError as exc:
-        raise EstimatorFileError(f"cannot read reference estimator file {path}: {exc}") from None
+    data = read_named_file(path, "reference estimator", EstimatorFileError)
     if sniff_unsafe_format(data) is None:
         if data[:4] == b"PK\x03\x04":
             raise _err(path, "a damaged or unreadable torch.save file (a zip archive that cannot be read: truncated?)")

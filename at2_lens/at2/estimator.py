@@ -46,7 +46,7 @@ from at2_lens._typing import typechecked
 from at2_lens._validate import check_choice, check_int
 from at2_lens.ablation import ABLATION_MODES, DEFAULT_LAYOUT, OUTPUT_TYPES, FeatureOptions
 from at2_lens.errors import EstimatorFileError, InputError
-from at2_lens.files import SafetensorsParseError, atomic_write_bytes, canonical_json, parse_safetensors, read_bytes
+from at2_lens.files import SafetensorsParseError, atomic_write_bytes, canonical_json, parse_safetensors, read_named_file
 from at2_lens.files import safetensors_bytes as _safetensors_bytes
 
 FEATURE_LAYOUT = DEFAULT_LAYOUT
@@ -348,14 +348,7 @@ def load_estimator_file(path: Path | str, expected_fingerprint: dict[str, Any] |
     differing fields).
     """
     path = Path(path)
-    if not path.exists():
-        raise EstimatorFileError(f"estimator file not found: {path}")
-    if not path.is_file():
-        raise EstimatorFileError(f"estimator path is not a file: {path}")
-    try:
-        data = read_bytes(path)
-    except OSError as exc:
-        raise EstimatorFileError(f"cannot read estimator file {path}: {exc}") from None
+    data = read_named_file(path, "estimator", EstimatorFileError)
     try:
         tensors, meta = parse_safetensors(data, ESTIMATOR_META_KEY)
     except SafetensorsParseError as exc:
