@@ -36,9 +36,9 @@ from at2_lens.at2.attribution import AT2Attribution  # noqa: E402
 from at2_lens.at2.estimator import weights_sha256  # noqa: E402
 from at2_lens.backends import get_backend  # noqa: E402
 from at2_lens.baselines import AverageAttention  # noqa: E402
-from at2_lens.context_pruning import prune_context, top_k_mask  # noqa: E402
 from at2_lens.data import SQUAD_V2_DEV_SUBSET  # noqa: E402
 from at2_lens.evaluation.squad import squad_split_records  # noqa: E402
+from at2_lens.pruning import prune_context, top_k_mask  # noqa: E402
 from at2_lens.tasks import ContextTask, prepare_task  # noqa: E402
 
 from _resume import load_partial, save_partial  # noqa: E402

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from at2_lens.ablation import topk_masks
-from at2_lens.context_pruning import top_k_mask
 from at2_lens.errors import InputError
 from at2_lens.head_ablation import top_heads
+from at2_lens.pruning import top_k_mask
 from at2_lens.ranking import rank, top_k
 from at2_lens.results import SourceAttribution
 

@@ -11,8 +11,8 @@ from at2_lens.ablation import removal_builder
 from at2_lens.at2.attribution import AT2Attribution
 from at2_lens.at2.pretrained import load_estimator
 from at2_lens.backends import get_backend
-from at2_lens.context_pruning import prune_context, pruned_context, top_k_mask
 from at2_lens.errors import InputError
+from at2_lens.pruning import mass_mask, prune, prune_context, pruned_context, top_k_mask
 from at2_lens.tasks import ContextTask, prepare_task
 from at2_lens.tasks.loaders import demo_task
 
@@ -65,3 +65,39 @@ def test_pruning_the_demo_context_to_the_top_sentence_keeps_the_answer(smollm2: 
     assert "8,849" in pruned.context and "Eiffel" not in pruned.context
     answer = prepare_task(get_backend(smollm2), pruned, 16).response
     assert answer is not None and "8,849" in answer.replace(" ", "")
+
+
+def test_mass_mask_keeps_the_fewest_sources_holding_the_share() -> None:
+    scores = torch.tensor([0.1, 0.6, -0.5, 0.3])  # positive mass 1.0: 0.6, then 0.3, then 0.1
+    assert mass_mask(scores, 0.5).tolist() == [False, True, False, False]
+    assert mass_mask(scores, 0.6).tolist() == [False, True, False, False]  # reaching the share exactly is enough
+    assert mass_mask(scores, 0.61).tolist() == [False, True, False, True]
+    assert mass_mask(scores, 0.95).tolist() == [True, True, False, True]
+    assert mass_mask(scores, 1.0).tolist() == [True, True, False, True]  # a negative source is never needed
+    # nothing positive: nothing is pruned on no evidence
+    assert mass_mask(torch.tensor([-1.0, 0.0, -2.0]), 0.5).tolist() == [True, True, True]
+    for bad, mass in ((scores, 0.0), (scores, 1.5), (scores, float("nan")), (torch.tensor([float("inf")]), 0.5)):
+        with pytest.raises(InputError, match=r"^(mass|scores):"):
+            mass_mask(bad, mass)
+
+
+def test_mass_mask_grows_with_the_share() -> None:
+    scores = torch.rand(12, generator=torch.Generator().manual_seed(0)) - 0.3
+    kept = [int(mass_mask(scores, m).sum()) for m in (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)]
+    assert kept == sorted(kept) and kept[0] >= 1
+    assert kept[-1] == int((scores > 0).sum())
+
+
+def test_prune_reports_what_it_kept_and_removed(tiny_llama: Any) -> None:
+    task = ContextTask(context=CONTEXT, query="Where is Rome?", response="Italy.", sources="sentence")
+    result = AT2Attribution(tiny_llama).attribute(task)
+    by_k = prune(task, result, k=3)
+    assert len(by_k.kept) == 3 and len(by_k.removed) == 1 and by_k.rule == "top_k" and by_k.kept_fraction == 0.75
+    assert set(by_k.kept) | set(by_k.removed) == set(range(4))
+    assert by_k.removed_texts[0] not in by_k.context and all(t in by_k.context for t in by_k.kept_texts)
+    assert by_k.task == prune_context(task, result, 3)
+    by_mass = prune(task, result, mass=1.0)
+    assert by_mass.rule == "mass" and by_mass.keep.tolist() == mass_mask(result.scores, 1.0).tolist()
+    for kwargs in ({}, {"k": 1, "mass": 0.5}):
+        with pytest.raises(InputError, match=r"^k / mass:"):
+            prune(task, result, **kwargs)
