@@ -6,4 +6,10 @@ DEFAULT_MAX_NEW_TOKENS = 64
 """The generation budget (tokens) when a response is generated: the default of every ``max_new_tokens`` argument
 and of every ``at2-lens`` command's ``--max-new-tokens``."""
 
-__all__ = ["DEFAULT_MAX_NEW_TOKENS"]
+# Provisional: benchmarks/bench_context_pruning.py chooses the mass share on the training split of the SQuAD
+# paragraphs (never on the held-out split), and this constant is set to its choice.
+DEFAULT_MASS = 0.8
+"""The share of the positive score mass that context pruning keeps when no rule is given: the default of
+``at2_lens.pruning.prune_and_reanswer`` and of ``at2-lens prune`` (re-exported as ``at2_lens.pruning.DEFAULT_MASS``)."""
+
+__all__ = ["DEFAULT_MASS", "DEFAULT_MAX_NEW_TOKENS"]

@@ -6,24 +6,33 @@ the rest. Two keep rules turn scores into a keep-mask: ``top_k_mask`` (the ``k``
 the attribution is). ``pruned_context`` cuts the other sources' characters out of the context (exactly the text
 that ``remove``-mode ablation feeds the model), and ``prune`` returns a :class:`PrunedContext`: the new
 ``ContextTask`` over the pruned text, ready for another ``attribute`` or generation, with what was kept and removed.
+``prune_and_reanswer`` does the whole round trip (answer, attribute, prune, answer again) and returns both answers
+as a :class:`Reanswer`; ``at2-lens prune`` is it on the command line.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from at2_lens._defaults import DEFAULT_MASS, DEFAULT_MAX_NEW_TOKENS
 from at2_lens._validate import check_fraction, check_int
 from at2_lens.errors import InputError
 from at2_lens.ranking import rank, top_k
 from at2_lens.results import SourceAttribution
-from at2_lens.tasks import ContextTask, TokenizedTask
+from at2_lens.tasks import ContextTask, TokenizedTask, prepare_task
 from at2_lens.tasks.spans import cut_spans
 
-__all__ = ["PrunedContext", "mass_mask", "prune", "prune_context", "pruned_context", "top_k_mask"]
+__all__ = ["DEFAULT_MASS", "PrunedContext", "Reanswer", "mass_mask", "prune", "prune_and_reanswer", "prune_context",
+           "pruned_context", "top_k_mask"]
+
+# DEFAULT_MASS (the mass share kept when no rule is given) is defined in at2_lens/_defaults.py, a module light enough
+# for ``at2-lens prune --help``; the benchmark's choice on the SQuAD training split sets it there.
 
 
 def _check_scores(scores: Tensor) -> None:
@@ -142,3 +151,94 @@ def prune_context(task: ContextTask, result: SourceAttribution, k: int) -> Conte
     """A copy of ``task`` whose context holds only the ``k`` top-scored sources of ``result`` (an attribution of
     that task), with no response, so the model answers again: ``prune(task, result, k=k).task``."""
     return prune(task, result, k=k).task
+
+
+@dataclasses.dataclass(frozen=True)
+class Reanswer:
+    """What :func:`prune_and_reanswer` found.
+
+    Attributes:
+        attribution: the method's scores of the original sources for the old answer.
+        pruned: the pruned context (its task, what was kept and removed).
+        old_answer: the answer over the full context (the task's own response when it had one, else the model's
+            greedy answer).
+        new_answer: the model's greedy answer over the pruned context.
+    """
+
+    attribution: SourceAttribution
+    pruned: PrunedContext
+    old_answer: str
+    new_answer: str
+
+    def answer_scores(self, golds: Sequence[str]) -> dict[str, dict[str, float]]:
+        """``{"old": scores, "new": scores}``, each ``{"exact_match", "f1", "contains"}`` against the gold answers
+        (:func:`at2_lens.evaluation.answers.answer_scores`)."""
+        from at2_lens.evaluation.answers import answer_scores
+
+        return {"old": answer_scores(self.old_answer, golds), "new": answer_scores(self.new_answer, golds)}
+
+
+def _check_rule(k: int | None, mass: float | None) -> tuple[int | None, float | None]:
+    """Exactly one of ``k`` / ``mass`` (neither: ``mass=DEFAULT_MASS``), checked."""
+    if k is not None and mass is not None:
+        raise InputError(f"k / mass: expected at most one of them, got k={k!r}, mass={mass!r}")
+    if k is not None:
+        return check_int("k", k), None
+    mass = DEFAULT_MASS if mass is None else check_fraction("mass", mass, closed=True)
+    if mass == 0.0:
+        raise InputError("mass: expected a share in (0, 1], got 0")
+    return None, mass
+
+
+def prune_and_reanswer(
+    model: Any,
+    task: ContextTask,
+    method: str | Any = "at2",
+    *,
+    k: int | None = None,
+    mass: float | None = None,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    progress: Callable[[str], None] | None = None,
+) -> Reanswer:
+    """Answer ``task`` over its whole context, attribute the answer, prune the context, and answer again.
+
+    Args:
+        model: the decoder that answers (both times).
+        task: the question and its context; with a response, that response is the old answer.
+        method: an attribution object of ``model`` (``attribute(task, max_new_tokens=...)``, e.g.
+            ``AT2Attribution(model, estimator=...)``) or a method name of ``at2-lens evaluate`` (``"at2"``: AT2
+            with the estimator shipped for the model; ``"at2_refined8"``, ``"avg_attention"``, ``"loo"``,
+            ``"contextcite32"``, ...).
+        k / mass: the keep rule, at most one (see :func:`prune`); neither keeps ``DEFAULT_MASS`` of the mass.
+        max_new_tokens: the generation budget of each answer.
+        progress: called with a short line before each slow step (attributing, re-answering).
+
+    Everything is checked before the first generation, ``k`` against the task's number of sources too.
+    """
+    from at2_lens.backends import get_backend
+
+    k, mass = _check_rule(k, mass)
+    check_int("max_new_tokens", max_new_tokens)
+    if not isinstance(task, ContextTask):
+        raise InputError(f"task: expected a ContextTask, got {type(task).__name__}")
+    backend = get_backend(model)
+    n_sources = task.tokenize(backend.tokenizer, max_length=backend.n_ctx).n_sources
+    if k is not None and k > n_sources:
+        raise InputError(f"k: expected at most {n_sources} (the task's number of sources), got {k}")
+    if isinstance(method, str):
+        from at2_lens.evaluation.methods import build_method
+
+        method = build_method(model, method)[1]
+    elif not callable(getattr(method, "attribute", None)):
+        raise InputError(f"method: expected a method name or an object with attribute(task), got "
+                         f"{type(method).__name__}")
+    elif getattr(method, "forward_func", model) is not model:
+        raise InputError("method: attributes with another model than `model`; both answers must come from one model")
+    log = progress if progress is not None else (lambda line: None)
+    log(f"answering over all {n_sources} sources and attributing the answer")
+    result = method.attribute(task, max_new_tokens=max_new_tokens)
+    pruned = prune(task, result, k=k, mass=mass)
+    log(f"answering again over the {len(pruned.kept)} kept of {n_sources} sources")
+    new_answer = prepare_task(backend, pruned.task, max_new_tokens).response
+    assert new_answer is not None  # prepare_task generated it
+    return Reanswer(attribution=result, pruned=pruned, old_answer=result.response, new_answer=new_answer)

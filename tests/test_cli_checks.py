@@ -78,10 +78,11 @@ def test_context_file_and_stdin_are_read(tmp_path: Path, monkeypatch: pytest.Mon
     assert read_context(parser.parse_args(["demo"])) is None
 
 
-@pytest.mark.parametrize("command", ["attribute", "demo", "collect", "evaluate"])
+@pytest.mark.parametrize("command", ["attribute", "demo", "prune", "collect", "evaluate"])
 def test_encoder_for_a_decoder_command_fails_before_loading(command: str, no_loading: list[str], tmp_path: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     extra = {"attribute": ["--context-text", "c.", "--query", "q?"], "demo": [],
+             "prune": ["--context-text", "c.", "--query", "q?"],
              "collect": ["--tasks", str(tmp_path / "t.jsonl"), "--store", str(tmp_path / "s")],
              "evaluate": ["--tasks", str(tmp_path / "t.jsonl")]}[command]
     _fails([command, "--model", "minilm", *extra], capsys, "--model", "'minilm' is an encoder", "decoder",
@@ -114,6 +115,21 @@ def test_malformed_target_fails_before_loading(target: str, no_loading: list[str
     (["attribute", "--context-text", "c.", "--query", "q?", "--response", "abc", "--target", "1:9"], ("target",)),
     (["attribute", "--context-text", "c.", "--query", "  "], ("query",)),
     (["demo", "--device", "nope"], ("--device",)),
+    (["prune", "--context", "notes.txt", "--query", "q?"], ("--context", "notes.txt")),
+    (["prune", "--context-text", "c.", "--query", "  "], ("query",)),
+    (["prune", "--context-text", "  ", "--query", "q?"], ("context",)),
+    (["prune", "--context-text", "c.", "--query", "q?", "--method", "at3"], ("--method", "at3")),
+    (["prune", "--context-text", "c.", "--query", "q?", "--method", "loo", "--estimator", "e.safetensors"],
+     ("--estimator",)),
+    (["prune", "--context-text", "c.", "--query", "q?", "--estimator", "missing.safetensors"], ("--estimator",)),
+    (["prune", "--context-text", "The cat sat. The dog ran.", "--query", "q?", "--k", "0"], ("--k",)),
+    (["prune", "--context-text", "The cat sat. The dog ran.", "--query", "q?", "--k", "3"], ("--k", "at most 2")),
+    (["prune", "--context-text", "The cat sat. The dog ran.", "--query", "q?", "--mass", "0"], ("--mass",)),
+    (["prune", "--context-text", "The cat sat. The dog ran.", "--query", "q?", "--mass", "1.5"], ("--mass",)),
+    (["prune", "--context-text", "c.", "--query", "q?", "--gold", " "], ("--gold",)),
+    (["prune", "--context-text", "c.", "--query", "q?", "--max-new-tokens", "0"], ("--max-new-tokens",)),
+    (["prune", "--context-text", "c.", "--query", "q?", "--json", "."], ("--json", "directory")),
+    (["prune", "--context-text", "c.", "--query", "q?", "--device", "gpu0"], ("--device",)),
     (["collect", "--tasks", "t.jsonl", "--store", "s", "--keep-prob", "1.5"], ("--keep-prob",)),
     (["collect", "--tasks", "t.jsonl", "--store", "s", "--n-masks", "0"], ("--n-masks",)),
     (["collect", "--tasks", "t.jsonl", "--store", "s", "--shard-index", "2", "--shard-count", "2"],
@@ -172,6 +188,7 @@ def test_one_generation_budget_everywhere() -> None:
     from at2_lens.at2.collect import collect, collect_example
     from at2_lens.baselines import AverageAttention, ContextCite, GradientXInput, LeaveOneOut
     from at2_lens.evaluation.runner import evaluate
+    from at2_lens.pruning import prune_and_reanswer
     from at2_lens.tasks import prepare_task
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
@@ -182,8 +199,8 @@ def test_one_generation_budget_everywhere() -> None:
                 assert action.default == DEFAULT_MAX_NEW_TOKENS, name
                 assert f"default: {DEFAULT_MAX_NEW_TOKENS}" in (action.help or ""), name
                 with_budget.append(name)
-    assert set(with_budget) == {"demo", "attribute", "collect", "evaluate"}
+    assert set(with_budget) == {"demo", "attribute", "prune", "collect", "evaluate"}
     funcs = [AT2Attribution.attribute, collect, collect_example, evaluate, prepare_task, AverageAttention.attribute,
-             ContextCite.attribute, GradientXInput.attribute, LeaveOneOut.attribute]
+             ContextCite.attribute, GradientXInput.attribute, LeaveOneOut.attribute, prune_and_reanswer]
     for f in funcs:
         assert inspect.signature(f).parameters["max_new_tokens"].default == DEFAULT_MAX_NEW_TOKENS, f.__qualname__

@@ -23,6 +23,8 @@ _CLASSIFIER = [*_MODEL, "--head", "--threads"]
 SUBCOMMANDS: dict[str, list[str]] = {
     "demo": [*_ATTRIBUTION, "--context", "--context-text", "--question"],
     "attribute": [*_ATTRIBUTION, "--context", "--context-text", "--query", "--response", "--target"],
+    "prune": [*_MODEL, "--context", "--context-text", "--query", "--sources", "--method", "--estimator", "--k",
+              "--mass", "--gold", "--max-new-tokens", "--json"],
     "collect": [*_MODEL, "--tasks", "--store", "--sources", "--mode", "--output", "--n-masks", "--keep-prob", "--seed",
                 "--limit", "--shard-index", "--shard-count", "--batch-size", "--max-new-tokens"],
     "train": ["--store", "--out", "--held-out", "--steps", "--lr", "--batch-size", "--non-negative", "--seed"],

@@ -1,15 +1,17 @@
-"""The ``at2-lens`` command line: demo, attribute, collect, train, convert-estimator, evaluate, heads, tree.
+"""The ``at2-lens`` command line: demo, attribute, prune, collect, train, convert-estimator, evaluate, heads, tree.
 
 One module per command group, each with an ``add_<command>_parser(subparsers)`` that defines the options (and sets
 the parser's ``func``) and a ``cmd_<command>(args) -> int`` that runs it:
 
 - ``attribute``: ``demo`` and ``attribute`` (AT2 scores of a context's sources, terminal table and HTML report);
+- ``prune``: prune a context to the sources the answer relies on and answer again (``at2_lens.pruning``);
 - ``collect``: AT2 training data into a store; ``train``: an AT2 estimator from a store;
 - ``convert``: ``convert-estimator``, a score estimator of the AT2 authors' package as an at2_lens estimator file;
 - ``evaluate``: faithfulness of attribution methods (CSV and markdown summary);
 - ``heads`` and ``tree``: AttAttr head study and attribution tree on an encoder classifier;
-- ``_args``: options shared by several commands (``--model``/``--backend``/``--device``, ``--max-new-tokens``, the
-  classifier options) and the checks every command runs before any model loads.
+- ``_args``: options shared by several commands (``--model``/``--backend``/``--device``, ``--context``/
+  ``--context-text``, ``--max-new-tokens``, the classifier options) and the checks every command runs before any
+  model loads.
 
 Every option is explained by ``at2-lens <command> --help``. Heavy imports happen inside the commands, so
 ``--help`` is instant. ``python -m at2_lens.cli`` runs the same ``main`` (for ``torchrun -m``).
@@ -27,13 +29,14 @@ from at2_lens.cli.collect import add_collect_parser
 from at2_lens.cli.convert import add_convert_parser
 from at2_lens.cli.evaluate import add_evaluate_parser
 from at2_lens.cli.heads import add_heads_parser
+from at2_lens.cli.prune import add_prune_parser
 from at2_lens.cli.train import add_train_parser
 from at2_lens.cli.tree import add_tree_parser
 from at2_lens.errors import At2LensError
 
 # In the order ``at2-lens --help`` lists them.
-_PARSERS = (add_demo_parser, add_attribute_parser, add_collect_parser, add_train_parser, add_convert_parser,
-            add_evaluate_parser, add_heads_parser, add_tree_parser)
+_PARSERS = (add_demo_parser, add_attribute_parser, add_prune_parser, add_collect_parser, add_train_parser,
+            add_convert_parser, add_evaluate_parser, add_heads_parser, add_tree_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

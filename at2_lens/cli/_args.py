@@ -5,6 +5,9 @@
   loading any other model, before any work) refuse an encoder for a decoder command and the reverse.
 - ``add_max_new_tokens_arg``: ``--max-new-tokens``, default ``DEFAULT_MAX_NEW_TOKENS`` (the library's, defined once).
 - ``add_classifier_args`` / ``load_classifier`` / ``set_threads``: the encoder classifier of ``heads`` and ``tree``.
+- ``add_context_args`` / ``read_context``: ``--context PATH`` (``-``: standard input) or ``--context-text TEXT``
+  (``demo``, ``attribute``, ``prune``); ``paragraphs``: a text's blank-line separated paragraphs, as documents.
+- ``check_output_path``: an output file option (``--json``) that can be written, checked before any model loads.
 - ``parse_ints``: a comma-separated list of integers (``--ks``, ``--adversarial-layers``); ``check_file``: an
   input file that must exist; ``check_device``: a ``--device`` value.
 - ``TASKS_HELP`` / ``parse_tasks_spec``: what ``--tasks`` of ``collect`` and ``evaluate`` accepts.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +108,55 @@ def check_file(value: str | None, name: str) -> None:
     if value is not None and not Path(value).is_file():
         why = "is a directory" if Path(value).is_dir() else "does not exist"
         raise InputError(f"{name}: expected an existing file, but {value!r} {why}")
+
+
+def add_context_args(p: argparse.ArgumentParser, *, required: bool, default: str) -> None:
+    """``--context PATH`` (a file; ``-`` = standard input) or ``--context-text TEXT``, one of them; ``default``
+    ends both help texts (what applies when neither is given)."""
+    group = p.add_mutually_exclusive_group(required=required)
+    group.add_argument("--context", default=None, metavar="PATH",
+                       help="the context: a UTF-8 text file ('-' reads standard input); a path that names no file "
+                            f"is an error{default}")
+    group.add_argument("--context-text", default=None, metavar="TEXT",
+                       help=f"the context text itself, instead of --context{default}")
+
+
+def read_context(args: argparse.Namespace) -> str | None:
+    """The context that ``--context``/``--context-text`` give (None: neither); a missing file is an InputError."""
+    if args.context_text is not None:
+        return str(args.context_text)
+    if args.context is None:
+        return None
+    if args.context == "-":
+        return sys.stdin.read()
+    path = Path(args.context)
+    if not path.is_file():
+        why = "is a directory" if path.is_dir() else "names no file"
+        raise InputError(f"--context: expected a text file path ('-' for standard input), but {args.context!r} "
+                         f"{why}; pass the text itself with --context-text")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"--context: cannot read {args.context!r} as UTF-8 text: {exc}") from None
+
+
+def paragraphs(text: str) -> list[str]:
+    """Paragraphs separated by blank lines, as documents."""
+    return [d.strip() for d in text.replace("\r\n", "\n").split("\n\n") if d.strip()]
+
+
+def check_output_path(value: str | None, name: str) -> None:
+    """Refuse an output file option ``name`` that cannot be written: it names a folder, or one of its folders is a
+    file (missing folders are fine: the writers create them). None or '': not given. So a typo fails before the
+    work, not after it."""
+    if not value:
+        return
+    path = Path(value)
+    if path.is_dir():
+        raise InputError(f"{name}: expected a file path to write, but {value!r} is a directory")
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise InputError(f"{name}: cannot write {value!r}: {str(blocking)!r} is a file, not a folder")
 
 
 def add_classifier_args(p: argparse.ArgumentParser) -> None:
@@ -200,6 +253,7 @@ __all__ = [
     "TASKS_HELP",
     "TASK_KINDS",
     "add_classifier_args",
+    "add_context_args",
     "add_max_new_tokens_arg",
     "add_model_args",
     "check_classifier_args",
@@ -207,9 +261,12 @@ __all__ = [
     "check_file",
     "check_loaded_kind",
     "check_model_kind",
+    "check_output_path",
     "load_classifier",
+    "paragraphs",
     "parse_ints",
     "parse_tasks_spec",
+    "read_context",
     "resolve_device",
     "set_threads",
 ]

@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 from at2_lens._validate import check_int
 from at2_lens.cli._args import (
+    add_context_args,
     add_max_new_tokens_arg,
     add_model_args,
     check_device,
     check_file,
     check_loaded_kind,
     check_model_kind,
+    paragraphs,
+    read_context,
     resolve_device,
 )
 from at2_lens.errors import InputError
@@ -64,7 +66,7 @@ def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
                                           "context; AT2 scores each context sentence; the terminal shows the top "
                                           "sources highlighted and an HTML report is written.")
     _add_common_args(p)
-    _add_context_args(p, required=False, default=" (default: the built-in context)")
+    add_context_args(p, required=False, default=" (default: the built-in context)")
     p.add_argument("--question", default=None, help="your own question (default: the built-in one)")
     p.set_defaults(func=cmd_demo)
     return p
@@ -75,42 +77,13 @@ def add_attribute_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("attribute", help="attribute a response to the sources of a context",
                               description="Score every source of a context for a (generated or given) response.")
     _add_common_args(p)
-    _add_context_args(p, required=True, default="")
+    add_context_args(p, required=True, default="")
     p.add_argument("--query", required=True, help="the question or instruction about the context")
     p.add_argument("--response", default=None, help="the response to attribute (default: generated greedily)")
     p.add_argument("--target", default=None,
                    help="character range START:END of the response to attribute (default: whole response)")
     p.set_defaults(func=cmd_attribute)
     return p
-
-
-def _add_context_args(p: argparse.ArgumentParser, *, required: bool, default: str) -> None:
-    """``--context PATH`` (a file; ``-`` = standard input) or ``--context-text TEXT``, one of them."""
-    group = p.add_mutually_exclusive_group(required=required)
-    group.add_argument("--context", default=None, metavar="PATH",
-                       help="the context: a UTF-8 text file ('-' reads standard input); a path that names no file "
-                            f"is an error{default}")
-    group.add_argument("--context-text", default=None, metavar="TEXT",
-                       help=f"the context text itself, instead of --context{default}")
-
-
-def read_context(args: argparse.Namespace) -> str | None:
-    """The context that ``--context``/``--context-text`` give (None: neither); a missing file is an InputError."""
-    if args.context_text is not None:
-        return str(args.context_text)
-    if args.context is None:
-        return None
-    if args.context == "-":
-        return sys.stdin.read()
-    path = Path(args.context)
-    if not path.is_file():
-        why = "is a directory" if path.is_dir() else "names no file"
-        raise InputError(f"--context: expected a text file path ('-' for standard input), but {args.context!r} "
-                         f"{why}; pass the text itself with --context-text")
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"--context: cannot read {args.context!r} as UTF-8 text: {exc}") from None
 
 
 def parse_target(text: str | None) -> tuple[int, int] | None:
@@ -141,11 +114,6 @@ def _check_common(args: argparse.Namespace, command: str) -> None:
     if args.per_sentence and getattr(args, "target", None) is not None:
         raise InputError("--target: cannot be used with --per-sentence (every sentence is a target)")
     check_int("--max-new-tokens", args.max_new_tokens, minimum=1)
-
-
-def _documents(text: str) -> list[str]:
-    """Paragraphs separated by blank lines, as documents."""
-    return [d.strip() for d in text.replace("\r\n", "\n").split("\n\n") if d.strip()]
 
 
 def _print_result(result: Any, top: int) -> None:
@@ -234,7 +202,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     _check_common(args, "demo")
     text = read_context(args)
-    context = _documents(text) if text is not None else DEMO_CONTEXT
+    context = paragraphs(text) if text is not None else DEMO_CONTEXT
     question = args.question or DEMO_QUESTION
     task = ContextTask(context=context, query=question, sources=args.sources)
     print(f"Question: {question}")
@@ -249,7 +217,7 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     target = parse_target(args.target)
     context = read_context(args)
     assert context is not None  # the parser requires --context or --context-text
-    task = ContextTask(context=_documents(context) if args.sources == "document" else context, query=args.query,
+    task = ContextTask(context=paragraphs(context) if args.sources == "document" else context, query=args.query,
                        response=args.response, sources=args.sources, target=target)
     return _attribute(args, task)
 
