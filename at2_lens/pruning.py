@@ -228,7 +228,10 @@ def prune_and_reanswer(
     if isinstance(method, str):
         from at2_lens.evaluation.methods import build_method
 
-        method = build_method(model, method)[1]
+        try:
+            method = build_method(model, method)[1]
+        except InputError as exc:
+            raise InputError(f"method: {str(exc).removeprefix('methods: ')}") from None
     elif not callable(getattr(method, "attribute", None)):
         raise InputError(f"method: expected a method name or an object with attribute(task), got "
                          f"{type(method).__name__}")

@@ -12,7 +12,16 @@ from at2_lens.at2.attribution import AT2Attribution
 from at2_lens.at2.pretrained import load_estimator
 from at2_lens.backends import get_backend
 from at2_lens.errors import InputError
-from at2_lens.pruning import mass_mask, prune, prune_context, pruned_context, top_k_mask
+from at2_lens.pruning import (
+    DEFAULT_MASS,
+    Reanswer,
+    mass_mask,
+    prune,
+    prune_and_reanswer,
+    prune_context,
+    pruned_context,
+    top_k_mask,
+)
 from at2_lens.tasks import ContextTask, prepare_task
 from at2_lens.tasks.loaders import demo_task
 
@@ -101,3 +110,69 @@ def test_prune_reports_what_it_kept_and_removed(tiny_llama: Any) -> None:
     for kwargs in ({}, {"k": 1, "mass": 0.5}):
         with pytest.raises(InputError, match=r"^k / mass:"):
             prune(task, result, **kwargs)
+
+
+class _Recorder:
+    """An attribution method stand-in that records calls (to prove checks run before any generation)."""
+
+    def __init__(self, model: Any) -> None:
+        self.forward_func = model
+        self.calls = 0
+
+    def attribute(self, task: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        raise AssertionError("attribute ran before the input was checked")
+
+
+def test_prune_and_reanswer_answers_over_both_contexts(tiny_llama: Any) -> None:
+    task = ContextTask(context=CONTEXT, query="Where is Rome?", sources="sentence")
+    out = prune_and_reanswer(tiny_llama, task, AT2Attribution(tiny_llama), k=2, max_new_tokens=5)
+    assert isinstance(out, Reanswer) and out.old_answer == out.attribution.response
+    assert out.pruned.kept == prune(task, out.attribution, k=2).kept and len(out.pruned.removed) == 2
+    backend = get_backend(tiny_llama)
+    assert out.old_answer == prepare_task(backend, task, 5).response  # greedy: the same answer again
+    assert out.new_answer == prepare_task(backend, out.pruned.task, 5).response
+    scores = out.answer_scores([out.new_answer])
+    assert scores["new"]["exact_match"] == 1.0 and set(scores["old"]) == set(scores["new"])
+    # a method by name; no rule keeps DEFAULT_MASS of the positive mass
+    lines: list[str] = []
+    by_name = prune_and_reanswer(tiny_llama, task, "avg_attention", max_new_tokens=5, progress=lines.append)
+    assert by_name.pruned.rule == "mass" and by_name.pruned.value == DEFAULT_MASS
+    assert by_name.pruned.keep.tolist() == mass_mask(by_name.attribution.scores, DEFAULT_MASS).tolist()
+    assert by_name.attribution.method.startswith("average attention") and len(lines) == 2
+    # a task with a response: that response is the old answer
+    given = prune_and_reanswer(tiny_llama, task.with_response("Italy."), k=1, max_new_tokens=5)
+    assert given.old_answer == "Italy." and len(given.pruned.kept) == 1
+
+
+def test_prune_and_reanswer_checks_before_generating(tiny_llama: Any) -> None:
+    from at2_lens.models.tiny import load_tiny
+
+    task = ContextTask(context=CONTEXT, query="Where is Rome?", sources="sentence")
+    recorder = _Recorder(tiny_llama)
+    for kwargs, name in (({"k": 5}, "k"), ({"k": 0}, "k"), ({"k": 1, "mass": 0.5}, "k / mass"),
+                         ({"mass": 0.0}, "mass"), ({"mass": 1.5}, "mass"), ({"max_new_tokens": 0}, "max_new_tokens")):
+        with pytest.raises(InputError, match=rf"^{name}:"):
+            prune_and_reanswer(tiny_llama, task, recorder, **kwargs)
+    with pytest.raises(InputError, match=r"^task:"):
+        prune_and_reanswer(tiny_llama, "Where is Rome?", recorder, k=1)  # type: ignore[arg-type]
+    with pytest.raises(InputError, match=r"^method:"):
+        prune_and_reanswer(tiny_llama, task, object(), k=1)
+    with pytest.raises(InputError, match=r"^method: unknown method 'at3'"):
+        prune_and_reanswer(tiny_llama, task, "at3", k=1)
+    with pytest.raises(InputError, match=r"^method: attributes with another model"):
+        prune_and_reanswer(tiny_llama, task, _Recorder(load_tiny("llama", seed=1)), k=1)
+    assert recorder.calls == 0
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_prune_and_reanswer_keeps_the_answer_on_the_demo_question(smollm2: Any) -> None:
+    """SmolLM2 answers the demo question with the height over the full context and again over the context AT2
+    pruned to its top sentences; the removed sentences are about the Eiffel Tower and the Great Wall."""
+    out = prune_and_reanswer(smollm2, demo_task(), k=2, max_new_tokens=24)
+    assert "8,849" in out.old_answer and "8,849" in out.new_answer.replace(" ", "")
+    assert out.answer_scores(["8,849 metres", "8,849"])["new"]["contains"] == 1.0
+    assert len(out.pruned.removed) == 7 and any("8,849" in t for t in out.pruned.kept_texts)
+    assert all("Eiffel" not in t for t in out.pruned.kept_texts)
+    assert any("Great Wall" in t for t in out.pruned.removed_texts)
