@@ -209,7 +209,9 @@ def prune_and_reanswer(
             ``AT2Attribution(model, estimator=...)``) or a method name of ``at2-lens evaluate`` (``"at2"``: AT2
             with the estimator shipped for the model; ``"at2_refined8"``, ``"avg_attention"``, ``"loo"``,
             ``"contextcite32"``, ...).
-        k / mass: the keep rule, at most one (see :func:`prune`); neither keeps ``DEFAULT_MASS`` of the mass.
+        k: keep the ``k`` highest-scoring sources (give ``k`` or ``mass``, not both; see :func:`prune`).
+        mass: keep the fewest highest-scoring sources holding this share of the positive score mass; with neither
+            rule, ``DEFAULT_MASS``.
         max_new_tokens: the generation budget of each answer.
         progress: called with a short line before each slow step (attributing, re-answering).
 
