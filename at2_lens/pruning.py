@@ -240,7 +240,8 @@ def prune_and_reanswer(
     elif getattr(method, "forward_func", model) is not model:
         raise InputError("method: attributes with another model than `model`; both answers must come from one model")
     log = progress if progress is not None else (lambda line: None)
-    log(f"answering over all {n_sources} sources and attributing the answer")
+    log(f"attributing the given answer to the {n_sources} sources" if task.response is not None else
+        f"answering over all {n_sources} sources and attributing the answer")
     result = method.attribute(task, max_new_tokens=max_new_tokens)
     pruned = prune(task, result, k=k, mass=mass)
     log(f"answering again over the {len(pruned.kept)} kept of {n_sources} sources")

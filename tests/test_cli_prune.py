@@ -101,7 +101,7 @@ def test_prune_the_demo_question_on_smollm2(smollm2: Any, tmp_path: Path, monkey
     note = tmp_path / "demo.txt"
     note.write_text("\n\n".join(DEMO_CONTEXT), encoding="utf-8")
     out = tmp_path / "demo.json"
-    assert main(["prune", "--context", str(note), "--query", DEMO_QUESTION, "--mass", "0.8", "--gold", "8,849 metres",
+    assert main(["prune", "--context", str(note), "--query", DEMO_QUESTION, "--mass", "0.8", "--gold", "8,849",
                  "--max-new-tokens", "24", "--json", str(out)]) == 0
     data = json.loads(out.read_text(encoding="utf-8"))
     _check_result_file(data, 9)
