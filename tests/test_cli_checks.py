@@ -115,6 +115,8 @@ def test_malformed_target_fails_before_loading(target: str, no_loading: list[str
     (["attribute", "--context-text", "c.", "--query", "q?", "--response", "abc", "--target", "1:9"], ("target",)),
     (["attribute", "--context-text", "c.", "--query", "  "], ("query",)),
     (["demo", "--device", "nope"], ("--device",)),
+    (["demo", "--html", "."], ("--html", "is a directory")),
+    (["attribute", "--context-text", "c.", "--query", "q?", "--json", "."], ("--json", "is a directory")),
     (["prune", "--context", "notes.txt", "--query", "q?"], ("--context", "notes.txt")),
     (["prune", "--context-text", "c.", "--query", "  "], ("query",)),
     (["prune", "--context-text", "  ", "--query", "q?"], ("context",)),

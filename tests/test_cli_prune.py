@@ -78,6 +78,7 @@ def test_prune_by_default_mass_reads_stdin_documents(tiny_dir: Path, tmp_path: P
 def test_prune_errors_name_the_argument_and_write_nothing(tiny_dir: Path, tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "result.json"
+    out.write_text("an earlier result", encoding="utf-8")
     base = ["prune", "--model", str(tiny_dir), "--query", "Where?", "--json", str(out)]
     # --k larger than the number of token sources is only known from the tokenizer: refused before generating
     assert main([*base, "--context-text", "Rome is old.", "--sources", "token", "--k", "50"]) == 2
@@ -85,7 +86,10 @@ def test_prune_errors_name_the_argument_and_write_nothing(tiny_dir: Path, tmp_pa
     with pytest.raises(SystemExit):  # one rule only
         main([*base, "--context-text", CONTEXT, "--k", "1", "--mass", "0.5"])
     assert "--mass" in capsys.readouterr().err
-    assert not out.exists()
+    assert out.read_text(encoding="utf-8") == "an earlier result"  # untouched
+    assert main(["prune", "--model", str(tiny_dir), "--context-text", CONTEXT, "--query", "Where?", "--json",
+                 str(out / "x.json")]) == 2  # a folder of the path is a file: refused before loading
+    assert "is a file, not a folder" in capsys.readouterr().err
 
 
 @pytest.mark.real

@@ -24,6 +24,7 @@ from at2_lens.cli._args import (
     check_file,
     check_loaded_kind,
     check_model_kind,
+    check_output_path,
     paragraphs,
     read_context,
     resolve_device,
@@ -105,6 +106,8 @@ def _check_common(args: argparse.Namespace, command: str) -> None:
     check_model_kind(args.model, decoder=True, command=command)
     check_device(args.device)
     check_file(args.estimator, "--estimator")
+    for option in ("html", "json", "save"):
+        check_output_path(getattr(args, option), f"--{option}")
     if args.top is None:
         args.top = 3 if args.per_sentence else 5
     check_int("--top", args.top, minimum=1)
