@@ -18,8 +18,8 @@ XDIST ?= -n auto --dist worksteal
 
 .PHONY: demo test test-tl4 tl4-suite test-tl3 standalone-check wheel-check bench-small notebooks lint env clean
 
-# --no-compile: pip would byte-compile all ~18,700 installed .py files (about 60 s of CPU per environment, measured); one
-# process of the suite imports about 4,600 of them, which Python compiles (and caches) on first import.
+# --no-compile: pip would byte-compile all ~18,700 installed .py files (about 60 s of CPU per environment, measured);
+# one process of the suite imports about 4,600 of them, which Python compiles (and caches) on first import.
 define make_env
 	rm -rf $(1)
 	$(PYTHON) -m venv $(1)
@@ -41,8 +41,8 @@ env: .venv/.ready
 demo: .venv/.ready
 	.venv/bin/at2-lens demo
 
-# The same steps as test-tl4, test-tl3, standalone-check and wheel-check in turn, except that bench-small (one process on
-# one core) runs while .venv-tl3 is built (mostly downloading and unpacking) instead of before it.
+# The same steps as test-tl4, test-tl3, standalone-check and wheel-check in turn, except that bench-small (one
+# process on one core) runs while .venv-tl3 is built (mostly downloading and unpacking) instead of before it.
 test:
 	$(MAKE) tl4-suite
 	$(MAKE) -j2 --output-sync=target bench-small .venv-tl3/.ready
