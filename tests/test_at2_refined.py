@@ -34,6 +34,7 @@ def _linear_problem(n_masks: int, seed: int = 0) -> tuple[torch.Tensor, torch.Te
     return masks, 1.0 + masks.float() @ true, true
 
 
+@pytest.mark.line_independent
 def test_with_many_masks_the_fit_recovers_the_linear_truth_whatever_the_prior() -> None:
     masks, y, true = _linear_problem(400)
     wrong_prior = torch.tensor([0.0, 1.0, 1.0, 1.0, 0.0])
@@ -42,6 +43,7 @@ def test_with_many_masks_the_fit_recovers_the_linear_truth_whatever_the_prior() 
     assert intercept == pytest.approx(1.0, abs=0.05)
 
 
+@pytest.mark.line_independent
 def test_a_prior_proportional_to_the_truth_is_rescaled_and_kept() -> None:
     masks, y, true = _linear_problem(6)
     w, _, scale = fit_shrunk_surrogate(masks, y, true / 10.0, shrinkage=0.5)
@@ -49,6 +51,7 @@ def test_a_prior_proportional_to_the_truth_is_rescaled_and_kept() -> None:
     assert torch.allclose(w, true, atol=1e-4)  # nothing left to correct: the residual is zero
 
 
+@pytest.mark.line_independent
 def test_stronger_shrinkage_stays_closer_to_the_scaled_prior() -> None:
     masks, y, _ = _linear_problem(8, seed=1)
     prior = torch.tensor([1.0, 0.0, 0.0, 0.5, 0.5])
@@ -60,6 +63,7 @@ def test_stronger_shrinkage_stays_closer_to_the_scaled_prior() -> None:
     assert dist[2] < 0.05 * dist[0]
 
 
+@pytest.mark.line_independent
 def test_prior_scale_pulls_the_fitted_scale() -> None:
     masks, y, true = _linear_problem(4, seed=2)
     prior = true / 10.0
@@ -69,6 +73,7 @@ def test_prior_scale_pulls_the_fitted_scale() -> None:
     assert pulled == pytest.approx(1.0, abs=0.01)
 
 
+@pytest.mark.line_independent
 def test_fit_refuses_bad_input() -> None:
     masks, y, true = _linear_problem(4)
     with pytest.raises(InputError, match="prior: expected 5 scores"):

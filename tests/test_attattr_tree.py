@@ -29,6 +29,7 @@ def _hand_made(scale: float = 5.0, mask: torch.Tensor | None = None, n_pos: int 
     return AttAttrResult(attributions=heads, layers=(0, 1), output=torch.tensor(0.9), attention_mask=mask)
 
 
+@pytest.mark.line_independent
 def test_layer_scores_sum_heads_and_normalise_by_the_layer_max() -> None:
     raw, norm = layer_scores(_hand_made(scale=5.0))
     assert torch.allclose(raw[1, 0, 1], torch.tensor(5.0)) and torch.allclose(raw[0, 1, 2], torch.tensor(4.0))
@@ -36,6 +37,7 @@ def test_layer_scores_sum_heads_and_normalise_by_the_layer_max() -> None:
     assert torch.allclose(norm[0, 1, 2], torch.tensor(0.8)) and torch.allclose(norm[1, 0, 2], torch.tensor(0.3))
 
 
+@pytest.mark.line_independent
 def test_tree_is_built_top_down_from_the_roots() -> None:
     g = attribution_tree(_hand_made(), ["a", "b", "c"], roots=0)
     assert set(g.edges) == {((0, 1), (1, 0)), ((-1, 2), (0, 1))}
@@ -60,6 +62,7 @@ def test_tree_is_built_top_down_from_the_roots() -> None:
     assert [e["layer"] for e in tree_edges(g_low)] == sorted((e["layer"] for e in tree_edges(g_low)), reverse=True)
 
 
+@pytest.mark.line_independent
 def test_padding_is_never_part_of_the_tree() -> None:
     res = _hand_made(mask=torch.tensor([[1, 1, 1, 0]]), n_pos=4)
     attr = res.attributions.clone()
@@ -72,6 +75,7 @@ def test_padding_is_never_part_of_the_tree() -> None:
         attribution_tree(res, roots=3)
 
 
+@pytest.mark.line_independent
 def test_bad_arguments_fail_clearly() -> None:
     res = _hand_made()
     with pytest.raises(InputError, match="threshold"):
@@ -88,6 +92,7 @@ def test_bad_arguments_fail_clearly() -> None:
         draw_attribution_tree(nx.DiGraph())
 
 
+@pytest.mark.line_independent
 def test_draw_writes_one_line_per_edge(tmp_path: Path) -> None:
     g = attribution_tree(_hand_made(), ["a", "b", "c"])
     ax = draw_attribution_tree(g)

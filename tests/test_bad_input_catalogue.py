@@ -142,6 +142,7 @@ def test_harness_sees_forward_passes(model: Any) -> None:
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
+@pytest.mark.line_independent
 def test_empty_or_whitespace_text(name: str, make: Callable[[], ContextTask]) -> None:
     fails_before_work(InputError, name, make)
 
@@ -164,6 +165,7 @@ def test_target_span_outside_response(at2: AT2Attribution, task: ContextTask, ta
     fails_before_work(InputError, "target", at2.attribute, task, target=target)
 
 
+@pytest.mark.line_independent
 def test_target_outside_response_in_the_task() -> None:
     fails_before_work(InputError, ("target", "outside the response"), ContextTask, CONTEXT, QUERY, response="Nile.",
                       target=(0, 9))
@@ -206,10 +208,12 @@ def test_target_outside_response_in_every_baseline(model: Any, task: ContextTask
     ids=["overlap", "reversed", "past-end", "negative", "empty", "out-of-order", "float", "triple", "none",
          "unknown-granularity", "not-spans"],
 )
+@pytest.mark.line_independent
 def test_bad_source_spans(sources: Any, name: str, what: str) -> None:
     fails_before_work(InputError, (name, what), ContextTask, CONTEXT, QUERY, sources=sources)
 
 
+@pytest.mark.line_independent
 def test_duplicate_documents() -> None:
     fails_before_work(InputError, ("context[2]", "duplicate of document 0"), ContextTask,
                       ["The Nile.", "The Amazon.", "The Nile."], QUERY, sources="document")

@@ -31,6 +31,7 @@ def test_bench_gpu_cpu_smoke_run() -> None:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+@pytest.mark.line_independent
 def test_bench_gpu_without_cuda_says_so() -> None:
     proc = subprocess.run([sys.executable, SCRIPT, "--model", "tiny"], capture_output=True, text=True, timeout=300,
                           cwd=ROOT)

@@ -124,6 +124,7 @@ def _check_report(probe: dict[str, Any], pixels: np.ndarray, result: SourceAttri
     assert _colour_mask(pixels, HEAT).sum() > 50  # the heatmap's strongest cell is painted
 
 
+@pytest.mark.line_independent
 def test_report_and_to_html_render_in_chromium(tmp_path: Path) -> None:
     result = _result()
     weights = torch.zeros(4, 3)

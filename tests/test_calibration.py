@@ -32,6 +32,7 @@ def _examples(scale: float, offset: float, n: int = 12) -> tuple[LinearEstimator
     return est, examples
 
 
+@pytest.mark.line_independent
 def test_scale_only_calibration_recovers_the_scale() -> None:
     est, examples = _examples(scale=250.0, offset=0.0)
     cal = calibrate(est, examples)
@@ -42,6 +43,7 @@ def test_scale_only_calibration_recovers_the_scale() -> None:
     assert torch.equal(cal.weights, est.weights)
 
 
+@pytest.mark.line_independent
 def test_offset_calibration_recovers_scale_and_offset() -> None:
     est, examples = _examples(scale=120.0, offset=-0.7)
     cal = calibrate(est, examples, with_offset=True)
@@ -73,12 +75,14 @@ BAD = [
 
 @pytest.mark.parametrize(("calibration", "needle"),
                          [*BAD, ({"scale": float("nan"), "offset": 0.0, "units": "u"}, "'scale' must be a finite")])
+@pytest.mark.line_independent
 def test_bad_calibration_is_refused_in_memory(calibration: Any, needle: str) -> None:
     with pytest.raises(InputError, match=needle):
         LinearEstimator(torch.ones(2, 3) / 6, calibration=calibration)
 
 
 @pytest.mark.parametrize(("calibration", "needle"), BAD)
+@pytest.mark.line_independent
 def test_bad_calibration_is_refused_on_load(calibration: Any, needle: str, tmp_path: Path) -> None:
     meta = json.loads(json.dumps(LinearEstimator(torch.ones(2, 3) / 6).metadata()))
     meta["calibration"] = calibration
@@ -88,6 +92,7 @@ def test_bad_calibration_is_refused_on_load(calibration: Any, needle: str, tmp_p
         load_estimator_file(path)
 
 
+@pytest.mark.line_independent
 def test_calibrate_refuses_bad_input() -> None:
     est, examples = _examples(scale=1.0, offset=0.0)
     with pytest.raises(InputError, match="examples: expected at least one"):

@@ -38,6 +38,7 @@ def _head(meta: dict | None = None, d_model: int = 384) -> ClassifierHead:
 
 
 # ------------------------------------------------------------------------------------------------ no model needed
+@pytest.mark.line_independent
 def test_shipped_head_reads_and_records_its_provenance() -> None:
     head = read_head(MINILM_SST2_HEAD)
     assert head.weight.shape == (2, 384) and head.bias.shape == (2,)
@@ -54,6 +55,7 @@ def test_shipped_head_reads_and_records_its_provenance() -> None:
     assert meta["command"].startswith("PYTHONPATH=. python scripts/train_minilm_sst2.py")
 
 
+@pytest.mark.line_independent
 def test_head_round_trip(tmp_path: Path) -> None:
     head = _head({"note": "x"})
     path = write_head(tmp_path / "h.safetensors", head)
@@ -62,6 +64,7 @@ def test_head_round_trip(tmp_path: Path) -> None:
     assert back.meta["note"] == "x" and back.pooling == "mean"
 
 
+@pytest.mark.line_independent
 def test_pickle_head_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "head.safetensors"
     path.write_bytes(pickle.dumps({"weight": [[0.0] * 384] * 2, "bias": [0.0, 0.0]}))
@@ -73,6 +76,7 @@ def test_pickle_head_is_refused(tmp_path: Path) -> None:
         read_head(zipped)
 
 
+@pytest.mark.line_independent
 def test_corrupted_or_missing_head_is_refused(tmp_path: Path) -> None:
     data = MINILM_SST2_HEAD.read_bytes()
     truncated = tmp_path / "truncated.safetensors"
@@ -89,6 +93,7 @@ def test_corrupted_or_missing_head_is_refused(tmp_path: Path) -> None:
         load_minilm_sst2(head_path=tmp_path / "absent.safetensors")
 
 
+@pytest.mark.line_independent
 def test_head_with_wrong_tensors_or_metadata_is_refused(tmp_path: Path) -> None:
     from at2_lens.files import safetensors_bytes
 
@@ -105,6 +110,7 @@ def test_head_with_wrong_tensors_or_metadata_is_refused(tmp_path: Path) -> None:
         read_head(path)
 
 
+@pytest.mark.line_independent
 def test_mean_pool_ignores_padding() -> None:
     hidden = torch.arange(2 * 3 * 2, dtype=torch.float32).reshape(2, 3, 2)
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
@@ -115,6 +121,7 @@ def test_mean_pool_ignores_padding() -> None:
         pool(hidden, mask, "max")
 
 
+@pytest.mark.line_independent
 def test_load_sst2_reads_and_fails_clearly(tmp_path: Path) -> None:
     (tmp_path / "sst2").mkdir()
     (tmp_path / "sst2" / "validation.tsv").write_text("sentence\tlabel\ngood film \t1\nbad\t0\n", encoding="utf-8")
@@ -129,6 +136,7 @@ def test_load_sst2_reads_and_fails_clearly(tmp_path: Path) -> None:
         load_sst2("train", data_dir=tmp_path)
 
 
+@pytest.mark.line_independent
 def test_load_sst2_real_files() -> None:
     texts, labels = load_sst2("validation")
     assert len(texts) == 872 and sum(labels) == 444

@@ -30,6 +30,7 @@ def _write_tasks(path: Path, n: int) -> Path:
     return path
 
 
+@pytest.mark.line_independent
 def test_every_option_is_explained() -> None:
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
@@ -86,6 +87,7 @@ def test_bad_input_is_a_clear_error(tiny_dir: Path, tmp_path: Path, capsys: pyte
                  "--html", ""]) == 2
 
 
+@pytest.mark.line_independent
 def test_help_is_instant_and_lists_commands() -> None:
     out = subprocess.run([sys.executable, "-m", "at2_lens.cli", "--help"], capture_output=True, text=True,
                          cwd=ROOT, timeout=60, env={"PATH": "/usr/bin:/bin"})

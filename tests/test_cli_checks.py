@@ -43,6 +43,7 @@ def _fails(argv: list[str], capsys: pytest.CaptureFixture[str], *needles: str) -
     return err
 
 
+@pytest.mark.line_independent
 def test_mistyped_context_file_is_an_error_not_text(no_loading: list[str], tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     err = _fails(["attribute", "--context", str(tmp_path / "note.txt"), "--query", "q?", "--html", ""], capsys,
@@ -53,6 +54,7 @@ def test_mistyped_context_file_is_an_error_not_text(no_loading: list[str], tmp_p
     assert no_loading == []
 
 
+@pytest.mark.line_independent
 def test_context_and_context_text_are_exclusive_and_one_is_required(capsys: pytest.CaptureFixture[str]) -> None:
     both = ["attribute", "--context", "a", "--context-text", "b", "--query", "q"]
     for argv in (["attribute", "--query", "q?"], both):
@@ -62,6 +64,7 @@ def test_context_and_context_text_are_exclusive_and_one_is_required(capsys: pyte
         assert "--context" in capsys.readouterr().err
 
 
+@pytest.mark.line_independent
 def test_context_file_and_stdin_are_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import io
 
@@ -79,6 +82,7 @@ def test_context_file_and_stdin_are_read(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 @pytest.mark.parametrize("command", ["attribute", "demo", "prune", "collect", "evaluate"])
+@pytest.mark.line_independent
 def test_encoder_for_a_decoder_command_fails_before_loading(command: str, no_loading: list[str], tmp_path: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     extra = {"attribute": ["--context-text", "c.", "--query", "q?"], "demo": [],
@@ -91,6 +95,7 @@ def test_encoder_for_a_decoder_command_fails_before_loading(command: str, no_loa
 
 
 @pytest.mark.parametrize("command", ["heads", "tree"])
+@pytest.mark.line_independent
 def test_decoder_for_an_encoder_command_fails_before_loading(command: str, no_loading: list[str],
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     extra = ["--text", "good film"] if command == "tree" else []
@@ -99,6 +104,7 @@ def test_decoder_for_an_encoder_command_fails_before_loading(command: str, no_lo
 
 
 @pytest.mark.parametrize("target", ["5-9", "9:5", "a:b", "1:2:3", "-1:4", "3:3"])
+@pytest.mark.line_independent
 def test_malformed_target_fails_before_loading(target: str, no_loading: list[str],
                                                capsys: pytest.CaptureFixture[str]) -> None:
     _fails(["attribute", "--context-text", "The cat sat.", "--query", "q?", f"--target={target}"], capsys,
@@ -143,6 +149,7 @@ def test_malformed_target_fails_before_loading(target: str, no_loading: list[str
     (["tree", "--text", "ok", "--head", "missing.safetensors"], ("--head", "missing.safetensors")),
     (["tree", "--text", "ok", "--threads", "0"], ("--threads",)),
 ])
+@pytest.mark.line_independent
 def test_bad_options_fail_before_loading(argv: list[str], needles: tuple[str, ...], no_loading: list[str],
                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                          capsys: pytest.CaptureFixture[str]) -> None:
@@ -163,6 +170,7 @@ def test_unknown_model_of_the_wrong_kind_is_refused_right_after_loading(tmp_path
     assert not out.exists()
 
 
+@pytest.mark.line_independent
 def test_help_texts_print_single_percent(capsys: pytest.CaptureFixture[str]) -> None:
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     for name, parser in sub.choices.items():
@@ -174,6 +182,7 @@ def test_help_texts_print_single_percent(capsys: pytest.CaptureFixture[str]) -> 
     assert "0 %, 10 %" in out and "%%" not in out
 
 
+@pytest.mark.line_independent
 def test_every_model_command_has_device_and_the_shared_model_options() -> None:
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     for name, parser in sub.choices.items():
@@ -184,6 +193,7 @@ def test_every_model_command_has_device_and_the_shared_model_options() -> None:
             assert device.default == "auto" and "cuda:N" in (device.help or ""), name
 
 
+@pytest.mark.line_independent
 def test_one_generation_budget_everywhere() -> None:
     """Every command's --max-new-tokens and every Python max_new_tokens default is DEFAULT_MAX_NEW_TOKENS."""
     from at2_lens import AT2Attribution

@@ -28,6 +28,7 @@ def hotpot_file(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.line_independent
 def test_tasks_specs_are_parsed() -> None:
     assert parse_tasks_spec("squad:") == ("squad", SQUAD_V2_DEV_SUBSET)
     assert parse_tasks_spec("squad:dev_subset") == ("squad", SQUAD_V2_DEV_SUBSET)
@@ -45,6 +46,7 @@ def test_tasks_specs_are_parsed() -> None:
         parse_tasks_spec("sst2:stanfordnlp/sst2")
 
 
+@pytest.mark.line_independent
 def test_tasks_help_says_what_is_accepted() -> None:
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     for command in ("collect", "evaluate"):
@@ -54,6 +56,7 @@ def test_tasks_help_says_what_is_accepted() -> None:
             assert needle in text, (command, needle)
 
 
+@pytest.mark.line_independent
 def test_short_squad_spec_is_the_shipped_subset() -> None:
     tasks = load_tasks("squad:", "sentence", 4, 2)
     expected = squad_tasks(SQUAD_V2_DEV_SUBSET, limit=4, seed=2)
@@ -62,6 +65,7 @@ def test_short_squad_spec_is_the_shipped_subset() -> None:
     assert [t.query for t in held] == [t.query for t in squad_split(SQUAD_V2_DEV_SUBSET)[1]]
 
 
+@pytest.mark.line_independent
 def test_hotpot_spec_loads_hotpotqa_tasks(hotpot_file: Path) -> None:
     tasks = load_tasks(f"hotpot:{hotpot_file}", "sentence", None, 0)
     assert sorted(t.query for t in tasks) == sorted(e["question"] for e in EXAMPLES)

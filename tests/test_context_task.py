@@ -124,6 +124,7 @@ def check_structure(tt: TokenizedTask) -> None:
 CTX = "The cat sat on the mat. It was in the sun.\n\nDr. Who came at 5 p.m. and left."
 
 
+@pytest.mark.line_independent
 def test_plain_layout_exact(byte_tok: Any) -> None:
     task = ContextTask(CTX, "Where was the cat?", system_prompt="Be brief.")
     lay = task.layout(byte_tok)
@@ -133,6 +134,7 @@ def test_plain_layout_exact(byte_tok: Any) -> None:
     assert task.build_prompt(byte_tok) == lay.prompt
 
 
+@pytest.mark.line_independent
 def test_chat_layout_exact(chat_tok: Any) -> None:
     task = ContextTask(CTX, "Where was the cat?")
     lay = task.layout(chat_tok)
@@ -143,6 +145,7 @@ def test_chat_layout_exact(chat_tok: Any) -> None:
     assert not ContextTask(CTX, "Q?", prompt_format="plain").layout(chat_tok).chat
 
 
+@pytest.mark.line_independent
 def test_chat_layout_system_prompt_and_fallback() -> None:
     tok = _byte_tokenizer(CHAT_TEMPLATE)
     lay = ContextTask(CTX, "Q?", system_prompt="Sys.").layout(tok)
@@ -157,6 +160,7 @@ def test_chat_layout_system_prompt_and_fallback() -> None:
     assert lay.prompt[lay.context_start : lay.context_end] == CTX
 
 
+@pytest.mark.line_independent
 def test_chat_layout_template_that_trims() -> None:
     trim = "{% for m in messages %}[{{ m['content'] | trim }}]{% endfor %}{% if add_generation_prompt %}>{% endif %}"
     tok = _byte_tokenizer(trim)
@@ -167,12 +171,14 @@ def test_chat_layout_template_that_trims() -> None:
         ContextTask("  padded context.", "Q?").layout(tok)
 
 
+@pytest.mark.line_independent
 def test_chat_layout_template_that_rewrites_content_raises() -> None:
     tok = _byte_tokenizer("{% for m in messages %}{{ m['content'] | upper }}{% endfor %}")
     with pytest.raises(InputError, match=r"^prompt_format: .*rewrites"):
         ContextTask("Some context.", "Q?").layout(tok)
 
 
+@pytest.mark.line_independent
 def test_chat_requested_without_template(byte_tok: Any) -> None:
     with pytest.raises(InputError, match=r"^prompt_format: 'chat'"):
         ContextTask(CTX, "Q?", prompt_format="chat").layout(byte_tok)
@@ -184,6 +190,7 @@ def test_chat_requested_without_template(byte_tok: Any) -> None:
 
 @pytest.mark.parametrize("tok_name", ["byte_tok", "chat_tok"])
 @pytest.mark.parametrize("granularity", ["token", "word", "sentence", "document"])
+@pytest.mark.line_independent
 def test_sources_decode_to_their_text(request: pytest.FixtureRequest, tok_name: str, granularity: str) -> None:
     tok = request.getfixturevalue(tok_name)
     tt = ContextTask(CTX, "Where was the cat?", response=" On the mat.", sources=granularity).tokenize(tok)
@@ -196,6 +203,7 @@ def test_sources_decode_to_their_text(request: pytest.FixtureRequest, tok_name: 
     assert tt.target_text == " On the mat." and tt.target_char_range == (0, len(" On the mat."))
 
 
+@pytest.mark.line_independent
 def test_sentence_sources_content(byte_tok: Any) -> None:
     tt = ContextTask(CTX, "Q?").tokenize(byte_tok)
     assert tt.source_texts == ("The cat sat on the mat.", "It was in the sun.", "Dr. Who came at 5 p.m. and left.")
@@ -203,6 +211,7 @@ def test_sentence_sources_content(byte_tok: Any) -> None:
     assert tt.target_token_range is None and tt.response_token_range is None
 
 
+@pytest.mark.line_independent
 def test_document_sources(chat_tok: Any) -> None:
     docs = ["First doc. Second sentence.", "Another doc 😀.", "Third."]
     tt = ContextTask(docs, "Q?", sources="document").tokenize(chat_tok)
@@ -213,6 +222,7 @@ def test_document_sources(chat_tok: Any) -> None:
     assert tt.source_texts == ("First doc.", "Second sentence.", "Another doc 😀.", "Third.")
 
 
+@pytest.mark.line_independent
 def test_token_sources_merge_byte_fragments(byte_tok: Any) -> None:
     tt = ContextTask("a 😀 b", "Q?", sources="token").tokenize(byte_tok)
     check_structure(tt)
@@ -222,6 +232,7 @@ def test_token_sources_merge_byte_fragments(byte_tok: Any) -> None:
     assert rng[1] - rng[0] == 4 and decode(byte_tok, tt, rng) == "😀"
 
 
+@pytest.mark.line_independent
 def test_custom_spans_straddling_a_token(byte_tok: Any) -> None:
     # " the" is one token ("Ġthe"); split it 1|3 and 2|2 characters
     context = "on the mat"
@@ -237,6 +248,7 @@ def test_custom_spans_straddling_a_token(byte_tok: Any) -> None:
     assert " the" in decode(byte_tok, tt, first) and " the" not in decode(byte_tok, tt, second)
 
 
+@pytest.mark.line_independent
 def test_targets_char_token_and_with_target(byte_tok: Any) -> None:
     response = "The cat sat in the sun 😀."
     task = ContextTask(CTX, "Q?", response=response, target=(4, 7))
@@ -263,6 +275,7 @@ def test_targets_char_token_and_with_target(byte_tok: Any) -> None:
     assert decode(byte_tok, t6, t6.target_token_range) == "😀"  # type: ignore[arg-type]
 
 
+@pytest.mark.line_independent
 def test_response_tokens_are_separate_from_prompt(byte_tok: Any) -> None:
     task = ContextTask(CTX, "Q?")
     tt = task.tokenize(byte_tok, response=" the cat")
@@ -273,6 +286,7 @@ def test_response_tokens_are_separate_from_prompt(byte_tok: Any) -> None:
     assert tt.response_token_range == (len(prompt_ids), len(prompt_ids) + len(resp_ids))
 
 
+@pytest.mark.line_independent
 def test_response_as_token_ids(byte_tok: Any) -> None:
     task = ContextTask(CTX, "Q?")
     base = task.tokenize(byte_tok)
@@ -326,12 +340,14 @@ def test_response_as_token_ids(byte_tok: Any) -> None:
         ({"system_prompt": 3}, r"^system_prompt: "),
     ],
 )
+@pytest.mark.line_independent
 def test_validation_at_construction(kwargs: dict[str, Any], match: str) -> None:
     args: dict[str, Any] = {"context": CTX, "query": "Q?"} | kwargs
     with pytest.raises(InputError, match=match):
         ContextTask(**args)
 
 
+@pytest.mark.line_independent
 def test_target_span_validation() -> None:
     with pytest.raises(InputError, match=r"^target.unit"):
         TargetSpan(0, 1, "word")  # type: ignore[arg-type]
@@ -339,6 +355,7 @@ def test_target_span_validation() -> None:
         TargetSpan(0.5, 2)  # type: ignore[arg-type]
 
 
+@pytest.mark.line_independent
 def test_as_target_span_is_the_one_coercion() -> None:
     assert as_target_span(None) is None
     span = TargetSpan(1, 3, "token")
@@ -350,6 +367,7 @@ def test_as_target_span_is_the_one_coercion() -> None:
             as_target_span(bad)  # type: ignore[arg-type]
 
 
+@pytest.mark.line_independent
 def test_validation_at_tokenize(byte_tok: Any) -> None:
     task = ContextTask(CTX, "Q?", response="short")
     tt = task.tokenize(byte_tok)
@@ -377,6 +395,7 @@ def test_validation_at_tokenize(byte_tok: Any) -> None:
         ContextTask(CTX, "Q?", target=TargetSpan(1, 2, "token")).tokenize(byte_tok, response="a b")
 
 
+@pytest.mark.line_independent
 def test_special_token_text_is_rejected(eos_tok: Any) -> None:
     tok = eos_tok
     eos = tok.eos_token
@@ -397,12 +416,14 @@ def test_unmapped_sources_raise_or_drop(minilm_tok: Any) -> None:
     assert tt.source_texts == ("alpha", "beta") and tt.dropped_sources == ((6, 7),)
 
 
+@pytest.mark.line_independent
 def test_token_sources_not_partitioned_before_tokenize() -> None:
     task = ContextTask(CTX, "Q?", sources="token")
     assert task.granularity == "token"
     assert ContextTask(CTX, "Q?", sources=[(0, 3)]).granularity == "custom"
 
 
+@pytest.mark.line_independent
 def test_context_list_is_frozen() -> None:
     docs = ["one.", "two."]
     task = ContextTask(docs, "Q?")
@@ -415,6 +436,7 @@ def test_context_list_is_frozen() -> None:
 # MiniLM WordPiece (lower-casing, "##" continuation pieces, [CLS]/[SEP] with empty offsets)
 
 
+@pytest.mark.line_independent
 def test_minilm_wordpiece_sources(minilm_tok: Any) -> None:
     context = "Unaffable Dr. Müller visited 東京. He liked it!"
     tt = ContextTask(context, "Why?", response="Because.", sources="word").tokenize(minilm_tok)
@@ -486,6 +508,7 @@ def _pipeline_property(tok: Any, context: str, sources: Any, response: str, exac
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(context=_mixed, response=_unicode, gran=st.sampled_from(["token", "word", "sentence", "document"]))
+@pytest.mark.line_independent
 def test_property_byte_tokenizer(context: str, response: str, gran: str) -> None:
     for tok in (_BYTE, _CHAT):
         _pipeline_property(tok, context, gran, response, exact_decode=True)
@@ -493,6 +516,7 @@ def test_property_byte_tokenizer(context: str, response: str, gran: str) -> None
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), context=_mixed)
+@pytest.mark.line_independent
 def test_property_byte_tokenizer_custom_spans(data: st.DataObject, context: str) -> None:
     spans = data.draw(custom_spans(context))
     _pipeline_property(_BYTE, context, spans, "ok", exact_decode=True)
@@ -500,6 +524,7 @@ def test_property_byte_tokenizer_custom_spans(data: st.DataObject, context: str)
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), context=_mixed, gran=st.sampled_from(["token", "word", "sentence", "custom"]))
+@pytest.mark.line_independent
 def test_property_minilm(minilm_tok: Any, data: st.DataObject, context: str, gran: str) -> None:
     sources: Any = data.draw(custom_spans(context)) if gran == "custom" else gran
     try:

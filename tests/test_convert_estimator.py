@@ -274,6 +274,7 @@ BREAKS = {
 
 
 @pytest.mark.parametrize("change", list(BREAKS))
+@pytest.mark.line_independent
 def test_unknown_or_malformed_content_is_refused(tmp_path: Path, change: str) -> None:
     path = _write(tmp_path, _break(change))
     with pytest.raises(EstimatorFileError) as info:
@@ -310,6 +311,7 @@ class _Opaque:
 
 
 @pytest.mark.parametrize("kind", ["custom class", "fractions.Fraction"])
+@pytest.mark.line_independent
 def test_pickled_arbitrary_object_is_refused(tmp_path: Path, kind: str) -> None:
     obj = _layout()
     obj["extras"] = {"note": _Opaque() if kind == "custom class" else fractions.Fraction(1, 3)}
@@ -334,6 +336,7 @@ def test_code_executing_pickle_is_refused_without_running(tmp_path: Path, tiny_t
     assert not marker.exists() and not (tmp_path / "o.safetensors").exists()
 
 
+@pytest.mark.line_independent
 def test_not_a_torch_file_is_refused(tmp_path: Path) -> None:
     text = tmp_path / "estimator.pt"
     text.write_text("not an estimator")
@@ -348,6 +351,7 @@ def test_not_a_torch_file_is_refused(tmp_path: Path) -> None:
         read_reference_estimator(cut)
 
 
+@pytest.mark.line_independent
 def test_an_at2_lens_estimator_is_not_converted_again(tmp_path: Path) -> None:
     from at2_lens.at2.estimator import LinearEstimator
 

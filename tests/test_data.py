@@ -19,6 +19,8 @@ from at2_lens.errors import DatasetNotFoundError
 from at2_lens.evaluation.squad import squad_split_records
 from at2_lens.models.classifier import load_sst2
 
+pytestmark = pytest.mark.line_independent  # no TransformerLens model or backend code runs here
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Recorded from the SQuAD 2.0 subset the committed results were computed on (before the data moved into the repo):

@@ -25,6 +25,8 @@ from at2_lens.at2.estimator import (
 )
 from at2_lens.errors import EstimatorFileError, InputError
 
+pytestmark = pytest.mark.line_independent  # no TransformerLens model or backend code runs here
+
 
 class FakeTokenizer:
     def __init__(self, vocab: dict[str, int]) -> None:

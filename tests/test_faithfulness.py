@@ -57,6 +57,7 @@ def _tokenized(model: Any, query: str = "Which city?") -> TokenizedTask:
 # ================================================================================================ pure metrics
 
 
+@pytest.mark.line_independent
 def test_lds_is_one_for_the_true_weights_of_a_linear_target() -> None:
     w = torch.tensor([3.0, -1.0, 0.5, 2.0, 0.0, -2.5])
     masks = random_masks(6, 64, seed=7)
@@ -71,6 +72,7 @@ def test_lds_is_one_for_the_true_weights_of_a_linear_target() -> None:
     assert math.isnan(lds_score(torch.ones(6), torch.ones(64, 6, dtype=torch.bool), actual))
 
 
+@pytest.mark.line_independent
 def test_predicted_outputs_is_masks_times_scores() -> None:
     masks = torch.tensor([[1, 0, 1], [0, 0, 0], [1, 1, 1]], dtype=torch.bool)
     pred = predicted_outputs(torch.tensor([1.0, 2.0, 4.0]), masks)
@@ -79,6 +81,7 @@ def test_predicted_outputs_is_masks_times_scores() -> None:
         predicted_outputs(torch.tensor([1.0, 2.0]), masks)
 
 
+@pytest.mark.line_independent
 def test_topk_drop_on_a_toy_where_the_important_sources_are_known() -> None:
     v = torch.tensor([0.0, 5.0, 0.0, 1.0, 0.0])  # output = sum of the kept sources' values
 
@@ -93,6 +96,7 @@ def test_topk_drop_on_a_toy_where_the_important_sources_are_known() -> None:
     assert top_k([1.0, 3.0, 3.0, 0.0], 2) == [1, 2]  # ties broken by position
 
 
+@pytest.mark.line_independent
 def test_kendall_tau_on_known_rankings() -> None:
     assert kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert kendall_tau([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
@@ -105,6 +109,7 @@ def test_kendall_tau_on_known_rankings() -> None:
     assert topk_kendall_tau(a, a, 2) == pytest.approx(1.0)
 
 
+@pytest.mark.line_independent
 def test_jensen_shannon_on_known_distributions() -> None:
     p, q = torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.5])
     expected = 0.5 * math.log(1 / 0.75) + 0.5 * (0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25))
@@ -117,6 +122,7 @@ def test_jensen_shannon_on_known_distributions() -> None:
     np.testing.assert_allclose(ours, jensenshannon(a, b, axis=-1) ** 2, atol=1e-9)
 
 
+@pytest.mark.line_independent
 def test_permute_keys_moves_only_the_selected_weights() -> None:
     torch.manual_seed(0)
     pattern = torch.softmax(torch.randn(1, 2, 4, 5), dim=-1)
@@ -275,6 +281,7 @@ def test_evaluate_command_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert set(df.method) == {"at2_uniform", "avg_attention", "loo", "contextcite8"} and set(df.task) == {0}
 
 
+@pytest.mark.line_independent
 def test_squad_split_is_deterministic_and_disjoint() -> None:
     path = SQUAD_V2_DEV_SUBSET
     train, held = squad_split(path)
@@ -312,6 +319,7 @@ def test_evaluate_on_smollm2_squad(smollm2: object) -> None:
     assert df.attrs["ground_truth_forward_passes"] == 9
 
 
+@pytest.mark.line_independent
 def test_evaluate_stays_the_function_after_every_import_path() -> None:
     """A submodule named like the function once shadowed ``at2_lens.evaluate`` after its first use."""
     import importlib

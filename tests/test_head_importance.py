@@ -126,6 +126,7 @@ def test_bad_arguments_fail_clearly(tiny_classifiers: dict[str, TinyClassifier])
 
 
 # -------------------------------------------------------------------------------------------------- masking
+@pytest.mark.line_independent
 def test_mask_heads_zeroes_exactly_the_chosen_heads() -> None:
     pattern = torch.rand(2, 4, 5, 5)
     out = mask_heads(torch.tensor([True, False, True, False]))(pattern)
@@ -159,6 +160,7 @@ def test_head_mask_hooks_zero_the_chosen_heads_outputs(
     assert len(head_mask_hooks(b, torch.zeros_like(masked))) == 0
 
 
+@pytest.mark.line_independent
 def test_pruning_mask_orders_least_important_first() -> None:
     imp = torch.tensor([[0.5, 0.1], [0.9, 0.3]])
     assert pruning_mask(imp, 0).sum() == 0

@@ -22,6 +22,8 @@ from at2_lens.tasks.loaders import squad_records, squad_tasks
 from at2_lens.tasks.sources import join_documents, partition, split_sentences
 from tests.hotpot_format_fixture import EXAMPLES, to_hub_layout
 
+pytestmark = pytest.mark.line_independent  # no TransformerLens model or backend code runs here
+
 datasets = pytest.importorskip("datasets")
 
 

@@ -11,6 +11,8 @@ from at2_lens.data import SQUAD_V2_DEV_SUBSET
 from at2_lens.errors import InputError
 from at2_lens.tasks.loaders import load_jsonl_tasks, multi_document_tasks, squad_records, squad_tasks
 
+pytestmark = pytest.mark.line_independent  # no TransformerLens model or backend code runs here
+
 
 def test_squad_records_and_tasks() -> None:
     path = SQUAD_V2_DEV_SUBSET

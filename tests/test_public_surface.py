@@ -13,6 +13,8 @@ import pytest
 import at2_lens
 from at2_lens.cli import build_parser, main
 
+pytestmark = pytest.mark.line_independent  # no TransformerLens model or backend code runs here
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Every sub-command and every option it takes, as users call them. A missing option is a broken command line.

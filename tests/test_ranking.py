@@ -13,6 +13,8 @@ from at2_lens.pruning import top_k_mask
 from at2_lens.ranking import rank, top_k
 from at2_lens.results import SourceAttribution
 
+pytestmark = pytest.mark.line_independent  # no TransformerLens model or backend code runs here
+
 SCORES = [0.5, 2.0, 0.5, 2.0, -1.0]
 
 

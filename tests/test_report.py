@@ -95,6 +95,7 @@ def test_report_shows_query_response_target_and_hover_scores(at2: AT2Attribution
     assert page.text["at2-token"] and res.target_text.startswith(page.text["at2-token"])  # the first token
 
 
+@pytest.mark.line_independent
 def test_query_passed_to_write_report_wins_and_a_missing_one_is_said(tmp_path: Path) -> None:
     res = SourceAttribution(scores=torch.tensor([0.2, 0.8]), source_texts=("A cat.", "A dog."),
                             source_spans=((0, 6), (7, 13)), context="A cat. A dog.", target_text="dog",
@@ -107,6 +108,7 @@ def test_query_passed_to_write_report_wins_and_a_missing_one_is_said(tmp_path: P
     assert page.text["at2-query"] == "Which animal?" and "at2-query-missing" not in page.text
 
 
+@pytest.mark.line_independent
 def test_per_token_scores_without_a_task_follow_the_target_tokens(tmp_path: Path) -> None:
     """A result built by hand: the target tokens spell the target, so each carries its own scores."""
     res = SourceAttribution(scores=torch.tensor([0.2, 0.8]), source_texts=("A cat.", "A dog."),

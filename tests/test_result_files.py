@@ -84,6 +84,7 @@ def test_source_attribution_round_trip(at2_result: tuple[AT2Attribution, SourceA
     assert loaded.save(tmp_path / "again.safetensors").read_bytes() == path.read_bytes()
 
 
+@pytest.mark.line_independent
 def test_result_without_task_or_token_scores(tmp_path: Path) -> None:
     result = SourceAttribution(scores=torch.tensor([0.5, -1.0]), source_texts=("a.", "b."), source_spans=((0, 2),
                                (3, 5)), context="a. b.", target_text="x", response="x y", method="custom")

@@ -96,6 +96,7 @@ def unsafe_constructs(source: str, filename: str = "<string>") -> list[str]:
         "import pandas as pd\npd.read_pickle('x.pkl')",
     ],
 )
+@pytest.mark.line_independent
 def test_scanner_flags_unsafe_code(snippet: str) -> None:
     assert unsafe_constructs(snippet), f"the scanner missed: {snippet!r}"
 
@@ -111,10 +112,12 @@ def test_scanner_flags_unsafe_code(snippet: str) -> None:
         "# import pickle",
     ],
 )
+@pytest.mark.line_independent
 def test_scanner_accepts_safe_code(snippet: str) -> None:
     assert unsafe_constructs(snippet) == []
 
 
+@pytest.mark.line_independent
 def test_package_source_has_no_code_execution_paths() -> None:
     files = sorted(PACKAGE.rglob("*.py"))
     assert len(files) > 20  # the scan really covers the package
@@ -169,6 +172,7 @@ def evil_file(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Path, Pat
     return path, marker
 
 
+@pytest.mark.line_independent
 def test_payloads_really_execute_when_unpickled(tmp_path: Path) -> None:
     """The control: each payload does create its marker when loaded unsafely, so its absence below means something."""
     for kind, make in PAYLOADS.items():
@@ -256,6 +260,7 @@ def test_trust_remote_code_is_refused() -> None:
         load_model("some/model", trust_remote_code=True)
 
 
+@pytest.mark.line_independent
 def test_scan_source_text_of_this_check_is_strict() -> None:
     """The package scan parses files with ``ast``: a syntax error would hide code from it, so it must raise."""
     with pytest.raises(SyntaxError):

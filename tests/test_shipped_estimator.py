@@ -16,6 +16,7 @@ from at2_lens.data import SQUAD_V2_DEV_SUBSET
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.line_independent
 def test_shipped_estimator_file_is_valid() -> None:
     est = at2_lens.load_estimator()
     assert est.weights.shape == (30, 9)
@@ -28,6 +29,7 @@ def test_shipped_estimator_file_is_valid() -> None:
     assert any(p.name == DEFAULT_ESTIMATOR for p in shipped_estimator_paths())
 
 
+@pytest.mark.line_independent
 def test_shipped_estimator_is_reproduced_from_the_store(tmp_path: Path) -> None:
     out = tmp_path / "est.safetensors"
     subprocess.run([sys.executable, "scripts/train_smollm2_estimator.py", "--out", str(out)], check=True, cwd=ROOT,
@@ -84,6 +86,7 @@ def test_recorded_squad_metrics_are_reproduced_by_evaluate(smollm2: object) -> N
         assert abs(row.value - float(want.value.iloc[0])) < 0.02, (row.metric, row.k, row.value)
 
 
+@pytest.mark.line_independent
 def test_learning_curve_trains_on_halving_subsets_and_writes_nothing(tmp_path: Path) -> None:
     out = tmp_path / "never.safetensors"
     proc = subprocess.run([sys.executable, "scripts/train_smollm2_estimator.py", "--tasks", "60", "--steps", "20",
@@ -98,6 +101,7 @@ def test_learning_curve_trains_on_halving_subsets_and_writes_nothing(tmp_path: P
     assert not out.exists()
 
 
+@pytest.mark.line_independent
 def test_train_script_refuses_more_tasks_than_the_store_holds(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "scripts/train_smollm2_estimator.py", "--tasks", "100000", "--out",
                            str(tmp_path / "x.safetensors")], cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -25,6 +25,8 @@ from at2_lens.tasks import (
     validate_spans,
 )
 
+pytestmark = pytest.mark.line_independent  # no TransformerLens model or backend code runs here
+
 
 def texts(text: str, spans: list[Span]) -> list[str]:
     return [text[a:b] for a, b in spans]

@@ -27,6 +27,8 @@ from at2_lens.at2.store import (
 from at2_lens.errors import InputError, StoreError
 from at2_lens.files import atomic_write_bytes, is_temp_file, temp_path_for
 
+pytestmark = pytest.mark.line_independent  # no TransformerLens model or backend code runs here
+
 L, H, M = 2, 3, 8
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,10 +6,13 @@ from __future__ import annotations
 import math
 
 import pandas as pd
+import pytest
 import torch
 
 from at2_lens.evaluation.metrics import topk_drop_defined, topk_drop_from
 from at2_lens.evaluation.runner import COLUMNS, markdown_table, summarize
+
+pytestmark = pytest.mark.line_independent  # no TransformerLens model or backend code runs here
 
 
 def test_topk_drop_is_nan_when_k_reaches_the_number_of_sources() -> None:

@@ -16,6 +16,8 @@ from at2_lens.at2.training import _neg_pearson_loss, train_estimator, train_from
 from at2_lens.errors import InputError
 from at2_lens.evaluation.correlation import lds, lds_per_example, mean_ignoring_nan, pearson, spearman
 
+pytestmark = pytest.mark.line_independent  # no TransformerLens model or backend code runs here
+
 L, H = 3, 4
 FAST = {"steps": 200, "lr": 1e-2, "batch_size": 64, "progress": False, "num_threads": 1}
 

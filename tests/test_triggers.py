@@ -26,6 +26,7 @@ def _pattern(key_rel: float, query_rel: float, key_id: int = 901, query_id: int 
 
 
 # ---------------------------------------------------------------------------------------------------- insertion
+@pytest.mark.line_independent
 def test_insert_pattern_keeps_relative_positions() -> None:
     content = [10, 11, 12, 13, 14]
     new, (k, q) = insert_pattern(content, _pattern(0.0, 1.0))
@@ -44,6 +45,7 @@ def test_insert_pattern_keeps_relative_positions() -> None:
             assert abs(k - kr * n) <= 1.5 and abs(q - qr * n) <= 1.5
 
 
+@pytest.mark.line_independent
 def test_content_span_skips_special_tokens_at_both_ends() -> None:
     assert content_span([101, 5, 6, 102], {101, 102}) == (1, 3)
     assert content_span([5, 6], {101, 102}) == (0, 2)

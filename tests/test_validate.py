@@ -15,6 +15,8 @@ from at2_lens._validate import (
 )
 from at2_lens.errors import InputError
 
+pytestmark = pytest.mark.line_independent  # no TransformerLens model or backend code runs here
+
 
 def test_check_int_accepts_numpy_and_bounds() -> None:
     assert check_int("n", np.int64(3)) == 3
