@@ -65,8 +65,9 @@ def test_needle_tasks_refuse_bad_arguments() -> None:
 
 # ------------------------------------------------------------------------------------------------ finders (tiny)
 def _copy_task(model: Any) -> TokenizedTask:
-    """Context tokens 10..29, a query, and a response copying context tokens at positions 14, 15, 16."""
-    ids = list(range(60, 80)) + [5, 6, 7] + [74, 75, 76]
+    """Context token ids 60..79 (positions 0..19), a three-token query, and a response copying the context tokens at
+    positions 14, 15, 16."""
+    ids = [*range(60, 80), 5, 6, 7, 74, 75, 76]
     return TokenizedTask.from_tokens(ids, [(0, 10), (10, 20)], (23, 26), tokenizer=model.tokenizer)
 
 
@@ -232,3 +233,26 @@ def test_smollm2_retrieval_heads_matter_on_needle_tasks(smollm2: Any) -> None:
     res = causal_check(smollm2, {"retrieval": scores}, held, k=10, how="zero", n_random=1)
     delta = res.rows.query("set == 'retrieval'")["delta"].item()
     assert delta < -0.5
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def test_cli_decoder_study_options_and_early_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    from at2_lens.cli import build_parser, main
+
+    help_text = build_parser()._subparsers._group_actions[0].choices["heads"].format_help()  # type: ignore[union-attr]
+    for option in ("--study", "--finders", "--how", "--k", "--n-random", "--n-needle", "--n-squad", "--out"):
+        assert option in help_text
+    for word in ("retrieval", "query_focus", "attattr", "at2", "resample", "mean"):
+        assert word in help_text
+    args = build_parser().parse_args(["heads", "--study", "decoder"])
+    assert args.study == "decoder" and args.model is None and args.k == 10
+    assert build_parser().parse_args(["heads"]).study == "encoder"
+    for argv, expect in (
+        (["--finders", "retrieval,bogus"], "--finders"),
+        (["--how", "zero,shuffle"], "--how"),
+        (["--k", "0"], "--k"),
+        (["--n-squad", "40"], "--n-squad"),
+        (["--model", "minilm"], "encoder"),
+    ):
+        assert main(["heads", "--study", "decoder", *argv]) == 2
+        assert expect in capsys.readouterr().err
