@@ -307,10 +307,11 @@ def causal_check(
     if k > 0 and not backend.probe.z_editable:
         raise ModelNotSupportedError(f"{backend.describe()}: edits at hook_z do not take effect, so heads cannot be "
                                      "ablated there")
+    n_tasks = len(unwrap(tasks)[0])
+    ids = list(range(n_tasks)) if task_ids is None else list(task_ids)
+    if len(ids) != n_tasks or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise InputError(f"task_ids: expected one int per task ({n_tasks}), got {task_ids!r}")
     prepared, _ = prepare_all(backend, tasks, max_new_tokens)
-    ids = list(range(len(prepared))) if task_ids is None else list(task_ids)
-    if len(ids) != len(prepared) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-        raise InputError(f"task_ids: expected one int per task ({len(prepared)}), got {task_ids!r}")
     per_task = math.ceil(n_random / len(prepared))
     heads = {name: (top_heads(r, k) if k else []) for name, r in ranks.items()}
     if needs_ref and not isinstance(reference, AblationReference):
