@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = pd.read_csv(out)
         print(f"resuming: {len(rows)} rows read from {out}", file=sys.stderr)
     if args.table_only:
-        print(tables(rows, state))
+        sys.stdout.write(tables(rows, state))
         return 0
     torch.set_num_threads(1)
     model = load_model("smollm2", backend=args.backend, device=args.device)
@@ -237,7 +237,11 @@ def main(argv: list[str] | None = None) -> int:
         timing["query_focus"] = time.perf_counter() - t
         write_state(out, rows, state)
     if "attattr" not in ranks and args.attattr_from:
-        other = json.loads(Path(args.attattr_from).read_text())
+        t = stage(f"waiting for the AttAttr ranking in {args.attattr_from}")
+        while "attattr" not in (other := json.loads(Path(args.attattr_from).read_text())).get("rankings", {}):
+            if time.perf_counter() - t > 3600:
+                raise SystemExit(f"{args.attattr_from} holds no AttAttr ranking after an hour")
+            time.sleep(20)
         ranks["attattr"] = other["rankings"]["attattr"]
         state["attattr_source"] = {"file": str(args.attattr_from), "n_attattr": other["settings"]["n_attattr"],
                                    "attattr_steps": other["settings"]["attattr_steps"],
