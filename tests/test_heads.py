@@ -161,7 +161,7 @@ def test_causal_check_rows_match_ablate_heads(tiny_llama_models: dict[str, Any],
         t0, t1 = tt.target_token_range
         for how in ("zero", "mean"):
             kw = {} if how == "zero" else {"reference": ref_ids}
-            with ablate_heads(model, heads, how, **kw):  # type: ignore[arg-type]
+            with ablate_heads(model, heads, how, **kw), torch.no_grad():  # type: ignore[arg-type]
                 logits = b.run(tt.input_ids[None])[:, t0 - 1 : t1 - 1]
             want = float(span_output(logits, tt.input_ids[t0:t1][None], "log_prob")[0])
             got = res.rows.query(f"task == {i} and mode == '{how}' and set == 'r'")["ablated"].item()
