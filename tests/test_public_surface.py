@@ -39,6 +39,10 @@ SUBCOMMANDS: dict[str, list[str]] = {
               "--target", "--batch-size", "--seed", "--csv", "--plot", "--importance-json"],
     "tree": [*_CLASSIFIER, "--text", "--threshold", "--n-steps", "--roots", "--out", "--save"],
 }
+# ``at2-lens heads --study decoder`` (at2_lens/cli/heads_decoder.py) adds its own options to ``heads``.
+SUBCOMMANDS["heads"] = [*SUBCOMMANDS["heads"], "--study", "--finders", "--how", "--k", "--n-random", "--n-needle-train",
+                        "--n-squad-train", "--n-attattr", "--n-needle", "--n-squad", "--n-sentences", "--n-reference",
+                        "--answer-tokens", "--ablation-batch-size", "--out"]
 
 
 @pytest.mark.parametrize("name", at2_lens.__all__)

@@ -17,6 +17,7 @@ from typing import Any
 from at2_lens._optional import require
 from at2_lens._validate import check_int
 from at2_lens.cli._args import add_classifier_args, check_classifier_args, load_classifier, set_threads
+from at2_lens.cli.heads_decoder import add_decoder_args, cmd_heads_decoder
 from at2_lens.errors import InputError
 
 _DEFAULT_METHODS = "attattr,attention,taylor,random"
@@ -32,7 +33,12 @@ def add_heads_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "heads (0 %, 10 %, ..., 100 %) and measure accuracy on SST-2 validation. Writes a CSV and a "
                     "PNG plot; prints a markdown table (fraction pruned x method).",
     )
+    heads.add_argument("--study", default="encoder", choices=["encoder", "decoder"],
+                       help="encoder (default): the head-pruning study above; decoder: head finders (retrieval, "
+                            "query focus, AttAttr, AT2 weights) on SmolLM2 and causal checks on held-out tasks (see "
+                            "the decoder options below; --model then defaults to smollm2)")
     add_classifier_args(heads)
+    heads.set_defaults(model=None)  # resolved per study in cmd_heads
     heads.add_argument("--data-dir", default=None,
                        help="directory holding sst2/train.tsv and sst2/validation.tsv (default: the shipped data; "
                             "$AT2_LENS_DATA first when set)")
@@ -57,6 +63,7 @@ def add_heads_parser(subparsers: Any) -> argparse.ArgumentParser:
                        help="where to write the accuracy plot (default: heads_pruning.png); '' to skip")
     heads.add_argument("--importance-json", default=None,
                        help="also write the [layer, head] importance of each method as JSON to this path")
+    add_decoder_args(heads)
     heads.set_defaults(func=cmd_heads)
     return heads
 
@@ -81,6 +88,10 @@ def markdown_sweep(df: Any) -> str:
 # ----------------------------------------------------------------------------------------------------- commands
 def cmd_heads(args: argparse.Namespace) -> int:
     """Run the head study configured by ``args``; prints the markdown table."""
+    if getattr(args, "study", "encoder") == "decoder":
+        args.model = args.model or "smollm2"
+        return cmd_heads_decoder(args)
+    args.model = args.model or "minilm"
     import json
 
     from at2_lens.attattr.head_importance import IMPORTANCE_METHODS as METHODS
