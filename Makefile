@@ -59,11 +59,12 @@ test-tl4: .venv/.ready docs
 	$(MAKE) bench-small
 	$(MAKE) notebooks
 
-# The faithfulness benchmark at reduced size (the README table comes from the full run of the same script), on the
-# SQuAD 2.0 subset shipped in at2_lens/data/.
+# The faithfulness and context-pruning benchmarks at reduced size (the README tables come from the full runs of the
+# same scripts), on the SQuAD 2.0 subset shipped in at2_lens/data/.
 bench-small: .venv/.ready
 	.venv/bin/python benchmarks/bench_faithfulness.py --small --limit 1
 	.venv/bin/python benchmarks/bench_faithfulness.py --small --suite multidoc --limit 1
+	.venv/bin/python benchmarks/bench_context_pruning.py --small
 
 # The notebooks, executed top to bottom on the real models and the shipped data (a failing cell fails the target).
 # One torch thread per worker: on a shared 2-core machine two threads spin-wait on each other.

@@ -378,8 +378,21 @@ def merge(paths: Sequence[str]) -> tuple[pd.DataFrame, dict[str, Any]]:
     return dup, settings or {}
 
 
+def label_prompt(df: pd.DataFrame, prompt: str) -> pd.DataFrame:
+    """Rows of a run under a non-default prompt are reported as their own suite, ``"squad (short_query)"``."""
+    if prompt == "default":
+        return df
+    return df.assign(suite=[f"{s} ({prompt})" for s in df["suite"]])
+
+
 def read_results(paths: Sequence[str]) -> pd.DataFrame:
-    return pd.concat([pd.read_csv(p, keep_default_na=False, na_values=[""]) for p in paths], ignore_index=True)
+    """The rows of several results files, each labelled with the prompt its settings name."""
+    frames = []
+    for p in paths:
+        meta = Path(p).with_suffix(".json")
+        prompt = json.loads(meta.read_text())["settings"].get("prompt", "default") if meta.is_file() else "default"
+        frames.append(label_prompt(pd.read_csv(p, keep_default_na=False, na_values=[""]), prompt))
+    return pd.concat(frames, ignore_index=True)
 
 
 def select_prompt(model: Any, data: str, limit: int, max_new_tokens: int) -> str:
@@ -433,7 +446,7 @@ def main() -> None:
         df, settings = merge(args.merge)
         if args.out:
             save_partial(args.out, df[COLUMNS], settings)
-        print(report(df, settings))
+        print(report(label_prompt(df, settings.get("prompt", "default")), settings))
         return
     if args.report:
         text = report(read_results(args.report))
@@ -494,7 +507,7 @@ def main() -> None:
                   f"gold {items[i].golds[0]!r}", file=sys.stderr, flush=True)
             if args.out:
                 save_partial(args.out, pd.DataFrame(rows, columns=COLUMNS), settings)
-    df = pd.DataFrame(rows, columns=COLUMNS)
+    df = label_prompt(pd.DataFrame(rows, columns=COLUMNS), args.prompt)
     text = report(df, settings)
     if args.md:
         from at2_lens.files import atomic_write_text

@@ -161,3 +161,15 @@ def test_two_shards_merged_equal_one_run_on_a_tiny_model(tmp_path: Path) -> None
     want = pd.read_csv(one).sort_values(key).reset_index(drop=True)
     pd.testing.assert_frame_equal(got, want)
     assert "## Answer quality (held-out)" in proc.stdout
+
+
+def test_results_under_another_prompt_are_reported_as_their_own_suite(tmp_path: Path) -> None:
+    df = _frame()
+    for name, prompt in (("a", "default"), ("b", "short_query")):
+        df.to_csv(tmp_path / f"{name}.csv", index=False)
+        (tmp_path / f"{name}.json").write_text(f'{{"settings": {{"prompt": "{prompt}"}}}}')
+    both = bench.read_results([str(tmp_path / "a.csv"), str(tmp_path / "b.csv")])
+    assert set(both["suite"]) == {"squad", "squad (short_query)"}
+    summary = bench.summary_rows(both)
+    assert set(summary["suite"]) == {"squad", "squad (short_query)"}
+    assert bench.choose_masses(both) == {("squad", "at2"): 0.5, ("squad (short_query)", "at2"): 0.5}
