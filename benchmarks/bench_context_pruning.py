@@ -73,9 +73,10 @@ PROMPTS: dict[str, tuple[str | None, str]] = {
     "short_system": ("Answer the question with a short phrase copied from the context, not a full sentence.", ""),
     "short_query": (None, " Answer in as few words as possible."),
 }
-REFUSAL = re.compile(r"\b(not (mentioned|provided|specified|stated|given|clear)|does not (say|mention|provide|state|"
-                     r"specify)|doesn't (say|mention|provide|state|specify)|no (information|mention)|cannot|can't|"
-                     r"unable to|i don't know|not possible to)\b", re.IGNORECASE)
+REFUSAL = re.compile(r"\b(not (explicitly |directly |specifically )?(mentioned|provided|specified|stated|given|"
+                     r"clear)|does not (say|mention|provide|state|specify)|doesn't (say|mention|provide|state|"
+                     r"specify)|no (information|mention)|cannot|can't|unable to|i don't know|not possible to)\b",
+                     re.IGNORECASE)
 COLUMNS = ["suite", "split", "task", "method", "rule", "value", "n_sources", "kept", "kept_has_gold", "answer",
            "em", "f1", "contains", "answer_words", "refusal", "log_prob", "delta_log_prob"]
 
@@ -167,6 +168,11 @@ def rule_masks(
 def is_refusal(answer: str) -> bool:
     """Whether an answer declines (says the context does not tell, cannot answer, ...)."""
     return bool(REFUSAL.search(answer))
+
+
+def ends_mid_sentence(answer: str) -> bool:
+    """Whether an answer stops without closing punctuation (it ran into the token budget)."""
+    return not answer.rstrip().endswith((".", "!", "?", '"', ")", "'"))
 
 
 def answer_row(answer: str, golds: Sequence[str]) -> dict[str, Any]:
@@ -330,6 +336,9 @@ def diagnosis(df: pd.DataFrame, *, method: str = "at2", k: float = 2.0, split: s
                   f"{n - len(orc.index.intersection(pr.index))} |",
                   f"| gold spans two sentences (oracle keeps > 1) | {int((orc['kept'] > 1).sum())} |",
                   f"| refusals: full / pruned | {int(full['refusal'].sum())} / {int(pr['refusal'].sum())} |",
+                  f"| ends mid-sentence (token budget): full / pruned | "
+                  f"{int(full['answer'].fillna('').map(ends_mid_sentence).sum())} / "
+                  f"{int(pr['answer'].fillna('').map(ends_mid_sentence).sum())} |",
                   f"| mean answer words: full / pruned | {full['answer_words'].mean():.1f} / "
                   f"{pr['answer_words'].mean():.1f} |",
                   f"| identical answers | {int((full['answer'] == pr['answer']).sum())} |",
@@ -339,6 +348,9 @@ def diagnosis(df: pd.DataFrame, *, method: str = "at2", k: float = 2.0, split: s
 
 
 def report(df: pd.DataFrame, settings: dict[str, Any] | None = None) -> str:
+    """The markdown report: answer quality per suite, method and rule, then the diagnosis. Refusals are recomputed
+    from the answers (so the rule can improve without a re-run)."""
+    df = df.assign(refusal=[float(is_refusal(str(a))) for a in df["answer"].fillna("")])
     chosen = choose_masses(df)
     head = ["# Context pruning benchmark", ""]
     if settings:

@@ -84,6 +84,8 @@ def test_rules_keep_k_or_the_mass_share_and_all_sources_for_a_large_k() -> None:
 def test_refusals_are_recognised() -> None:
     assert bench.is_refusal("The context does not mention the year.")
     assert bench.is_refusal("I cannot answer that.")
+    assert bench.is_refusal("The name of the count is not explicitly mentioned in the given text.")
+    assert bench.ends_mid_sentence("it was Robert Gu") and not bench.ends_mid_sentence("It was Robert Guiscard.")
     assert not bench.is_refusal("The Normans lived in France.")
 
 
