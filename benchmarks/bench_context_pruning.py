@@ -170,6 +170,11 @@ def is_refusal(answer: str) -> bool:
     return bool(REFUSAL.search(answer))
 
 
+def with_refusals(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with its refusal column recomputed from the answers (so the rule can improve without a re-run)."""
+    return df.assign(refusal=[float(is_refusal(a if isinstance(a, str) else "")) for a in df["answer"]])
+
+
 def ends_mid_sentence(answer: str) -> bool:
     """Whether an answer stops without closing punctuation (it ran into the token budget)."""
     return not answer.rstrip().endswith((".", "!", "?", '"', ")", "'"))
@@ -259,7 +264,7 @@ def summary_rows(df: pd.DataFrame, split: str = "held_out") -> pd.DataFrame:
     """Per suite, method and rule (the mass rule at the share chosen on training tasks): means over the ``split``
     tasks, and the paired F1 difference to the full context with its bootstrap interval."""
     chosen = choose_masses(df)
-    d = df[df["split"] == split]
+    d = with_refusals(df[df["split"] == split])
     out = []
     for suite, s in d.groupby("suite", sort=False):
         full = s[s["method"] == "full"].set_index("task")
@@ -309,7 +314,7 @@ def markdown(summary: pd.DataFrame) -> str:
 def diagnosis(df: pd.DataFrame, *, method: str = "at2", k: float = 2.0, split: str = "held_out") -> str:
     """Task-by-task comparison of the full-context and the ``method`` top-k answers, as counts (per suite)."""
     lines = []
-    d = df[df["split"] == split]
+    d = with_refusals(df[df["split"] == split])
     for suite, s in d.groupby("suite", sort=False):
         full = s[s["method"] == "full"].set_index("task")
         pr = s[(s["method"] == method) & (s["rule"] == "top_k") & np.isclose(s["value"], k)].set_index("task")
@@ -348,9 +353,7 @@ def diagnosis(df: pd.DataFrame, *, method: str = "at2", k: float = 2.0, split: s
 
 
 def report(df: pd.DataFrame, settings: dict[str, Any] | None = None) -> str:
-    """The markdown report: answer quality per suite, method and rule, then the diagnosis. Refusals are recomputed
-    from the answers (so the rule can improve without a re-run)."""
-    df = df.assign(refusal=[float(is_refusal(str(a))) for a in df["answer"].fillna("")])
+    """The markdown report: answer quality per suite, method and rule, then the diagnosis."""
     chosen = choose_masses(df)
     head = ["# Context pruning benchmark", ""]
     if settings:

@@ -175,3 +175,18 @@ def test_results_under_another_prompt_are_reported_as_their_own_suite(tmp_path: 
     summary = bench.summary_rows(both)
     assert set(summary["suite"]) == {"squad", "squad (short_query)"}
     assert bench.choose_masses(both) == {("squad", "at2"): 0.5, ("squad (short_query)", "at2"): 0.5}
+
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def test_readme_pruning_table_is_the_report_of_the_committed_results() -> None:
+    """The README's context-pruning tables are what the report prints for the committed results files."""
+    files = sorted(str(p) for p in RESULTS.glob("context_pruning_*.csv"))
+    assert files, "no committed context-pruning results"
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = readme.split("<!-- pruning -->", 1)[1].split("<!-- /pruning -->", 1)[0]
+    want = bench.markdown(bench.summary_rows(bench.read_results(files)))
+    assert [ln.strip() for ln in block.strip().splitlines()] == [ln.strip() for ln in want.strip().splitlines()]
+    md = (RESULTS / "context_pruning.md").read_text(encoding="utf-8")
+    assert want.strip() in md
