@@ -68,13 +68,14 @@ tl4-suite: .venv/.ready docs
 	OMP_NUM_THREADS=1 .venv/bin/python -m pytest $(XDIST) $(PYTEST_ARGS)
 	$(MAKE) notebooks
 
-# The faithfulness benchmark at reduced size (the README tables come from the full runs of the same script), on the
-# SQuAD 2.0 subset shipped in at2_lens/data/: every --small method and metric on SmolLM2, on one generated
-# multi-document task. (The squad suite's --small run on SmolLM2 is what tests/test_bench_faithfulness.py's
-# test_rescore_on_smollm2_equals_a_fresh_run runs three times, and notebook 04 evaluates the same methods and metrics
-# on held-out SQuAD paragraphs, so it is not repeated here.)
+# The faithfulness and context-pruning benchmarks at reduced size (the README tables come from the full runs of the
+# same scripts), on the SQuAD 2.0 subset shipped in at2_lens/data/: every --small faithfulness method and metric on
+# SmolLM2, on one generated multi-document task (the squad suite's --small run is what
+# tests/test_bench_faithfulness.py's test_rescore_on_smollm2_equals_a_fresh_run runs three times, and notebook 04
+# evaluates the same methods and metrics on held-out SQuAD paragraphs, so it is not repeated here); one pruning task.
 bench-small: .venv/.ready
 	.venv/bin/python benchmarks/bench_faithfulness.py --small --suite multidoc --limit 1
+	.venv/bin/python benchmarks/bench_context_pruning.py --small
 
 # The notebooks, executed top to bottom on the real models and the shipped data (a failing cell fails the target).
 # One torch thread per worker: on a shared 2-core machine two threads spin-wait on each other.
