@@ -47,6 +47,8 @@ from at2_lens.attattr.attribution import DEFAULT_ATOL  # noqa: E402
 from at2_lens.attattr.targets import labels_objective  # noqa: E402
 from at2_lens.files import atomic_write_text  # noqa: E402
 
+CHUNK = 8
+"""Integration points per forward pass on both sides (``internal_batch_size``), to bound memory on a shared CPU."""
 GRID = (8, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192, 256, 320)
 """Gauss-Legendre step counts tried for LIG."""
 N_SAMPLES = 128  # Clenshaw-Curtis intervals of part 1 (129 nodes)
@@ -85,7 +87,7 @@ def sample_layer(attr: AttentionAttribution, ids: torch.Tensor, labels: torch.Te
     try:
         t = time.perf_counter()
         res = attr.attribute(ids, labels, layers=[layer], n_steps="auto", method="clenshaw_curtis", rtol=1e-12,
-                             atol=0.0, max_steps=N_SAMPLES + 1)
+                             atol=0.0, max_steps=N_SAMPLES + 1, internal_batch_size=CHUNK)
         seconds = time.perf_counter() - t
     finally:
         del attr._node_gradients
@@ -134,13 +136,23 @@ class LigLabels(LigBaseline):
         logits = self.model(tokens)
         return labels_objective(logits, self.labels[None].expand(tokens.shape[0], -1).to(logits.device), "log_prob")
 
+    def attribute(self, n_steps: int, delta: bool = False) -> Any:
+        self.hook_point.add_hook(lambda p, hook: p * self.alpha.to(p.dtype)[:, None, None, None])
+        try:
+            return self.lig.attribute(
+                (self.tokens, torch.ones(1)), baselines=(self.tokens, torch.zeros(1)), n_steps=n_steps,
+                return_convergence_delta=delta, internal_batch_size=CHUNK,
+            )
+        finally:
+            self.hook_point.remove_hooks("fwd")
+
 
 def cost_layer(model: Any, attr: AttentionAttribution, ids: torch.Tensor, labels: torch.Tensor, layer: int,
-               fixed: dict[int, float], rtol: float, repeats: int) -> dict[str, Any]:
+               fixed: dict[int, float], rtol: float, repeats: int, lig_budget: int) -> dict[str, Any]:
     """Part 2: auto against LIG with enough steps for the same tolerance, timed alternately."""
 
     def auto() -> Any:
-        return attr.attribute(ids, labels, layers=[layer], n_steps="auto", rtol=rtol)
+        return attr.attribute(ids, labels, layers=[layer], n_steps="auto", rtol=rtol, internal_batch_size=CHUNK)
 
     t = time.perf_counter()
     res = auto()
@@ -151,7 +163,11 @@ def cost_layer(model: Any, attr: AttentionAttribution, ids: torch.Tensor, labels
     candidates = [n for n in GRID if fixed.get(n, 1.0) * change <= tolerance] or [GRID[-1]]
     start = GRID.index(candidates[0])
     n_lig, lig_error, lig_seconds = None, None, None
+    tried = 0
     for n in GRID[start:]:
+        if tried + n > lig_budget:
+            break
+        tried += n
         t = time.perf_counter()
         _, delta = lig.attribute(n, delta=True)
         lig_seconds = time.perf_counter() - t
@@ -160,7 +176,9 @@ def cost_layer(model: Any, attr: AttentionAttribution, ids: torch.Tensor, labels
             n_lig = n
             break
     if n_lig is None or lig_seconds is None or lig_error is None:
-        return {"skipped": f"LIG did not reach the tolerance within {GRID[-1]} steps"}
+        return {"skipped": f"LIG did not reach the tolerance within {tried} evaluations tried from {GRID[start]} "
+                           f"steps (last error {lig_error / change if lig_error else float('nan'):.1e})",
+                "auto_steps": int(res.steps[0]), "auto_error": float(res.relative_convergence_delta()[0])}
     a_times, l_times = [auto_seconds], [lig_seconds]
     for _ in range(repeats - 1):
         t = time.perf_counter()
@@ -229,6 +247,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--parts", default="rules,cost", help="which parts to run (default both)")
+    ap.add_argument("--lig-budget", type=int, default=600,
+                    help="gradient evaluations LIG may spend searching for its step count per layer (default 600)")
     ap.add_argument("--out", default="benchmarks/results/attattr_steps.md")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -259,7 +279,8 @@ def main() -> None:
                 # part 1's fixed-size Gauss-Legendre errors propose LIG's step count (else the grid starts at 8)
                 fixed = {int(n): e for n, e in cache.get(key, {}).get("errors", {}).get("gausslegendre_fixed",
                                                                                           {}).items()}
-                cache[ckey] = cost_layer(model, attr, ids, labels, layer, fixed, args.rtol, args.repeats)
+                cache[ckey] = cost_layer(model, attr, ids, labels, layer, fixed, args.rtol, args.repeats,
+                                         args.lig_budget)
                 atomic_write_text(cache_path, json.dumps(cache))
                 print(ckey, cache[ckey], flush=True)
     write_report(out, cache, args)

@@ -59,6 +59,9 @@ a layer whose attention barely changes F (``|F(A) − F(A_l = 0)|`` near zero, w
 from running to the cap."""
 DEFAULT_MAX_STEPS = 257
 """``n_steps="auto"``: at most this many gradient evaluations per layer (Clenshaw-Curtis: up to its 257-node rule)."""
+AUTO_STEPS_PER_PASS = 20
+"""``n_steps="auto"`` without ``internal_batch_size``/``memory_budget``: at most this many integration points per
+forward pass (the memory of the former fixed default, 20 points in one pass), however large the rule."""
 DECODER_DEFAULT_STEPS: Literal["auto"] = "auto"
 ENCODER_DEFAULT_STEPS = 20
 """``n_steps=None`` (the default): ``"auto"`` on decoders, whose first layers need far more than 20 points, and 20
@@ -310,6 +313,7 @@ class SelfAttentionAttribution(Attribution):
                 family of ``at2_lens.attattr.quadrature``: ``"clenshaw_curtis"`` (default; nested, 5, 9, 17, ...
                 points), ``"romberg"`` (nested) or ``"gausslegendre"`` (4, 8, 16, ... points, none reused).
             internal_batch_size: at most this many rows per forward pass (examples × steps), to bound memory.
+                ``n_steps="auto"`` without it (or ``memory_budget``) runs at most 20 points per pass.
             memory_budget: instead of ``internal_batch_size``, the memory the integration steps may use, in bytes or
                 as a string (``"2GB"``, ``"512MiB"``): each layer's steps are chunked so that a chunk's estimated
                 activations fit (see ``at2_lens.attattr.memory``; weights and the clean pass are not counted).
@@ -644,15 +648,14 @@ class SelfAttentionAttribution(Attribution):
         weights = [dict(zip(rule.keys, rule.weights, strict=True)) for rule in rules]
         done: set[object] = set()
         chunk = call.chunks[layer]
-        per_chunk = max(1, chunk // call.n_rows) if chunk is not None else None
+        per_chunk = max(1, chunk // call.n_rows) if chunk is not None else AUTO_STEPS_PER_PASS
         f_zero: Tensor | None = None
         attr = pattern
         ok = False
         for i, rule in enumerate(rules):
             new = [(key, alpha) for key, alpha in zip(rule.keys, rule.alphas, strict=True) if key not in done]
-            size = per_chunk or len(new)
-            for lo in range(0, len(new), size):
-                part = new[lo:lo + size]
+            for lo in range(0, len(new), per_chunk):
+                part = new[lo:lo + per_chunk]
                 f_alpha, grads = self._node_gradients(forward, pattern, args, [alpha for _, alpha in part])
                 for j, (key, alpha) in enumerate(part):
                     done.add(key)

@@ -93,8 +93,8 @@ def gauss_legendre(n: int) -> Rule:
 
 def family(rule: str, max_nodes: int) -> Iterator[Rule]:
     """The rules of ``rule``'s family in order of size, up to ``max_nodes`` gradient evaluations *in all* (counting
-    every rule tried when the family is not nested). The first rule has at least 3 nodes, so that a sum that happens
-    to match the completeness target at one or two nodes cannot stop the search."""
+    every rule tried when the family is not nested). The first rule has 5 nodes (Gauss-Legendre: 4), so that a sum
+    that happens to match the completeness target at one or two nodes cannot stop the search."""
     spent = 0
     level = 1
     while True:
