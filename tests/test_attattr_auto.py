@@ -44,12 +44,14 @@ class _NodeCounter:
         b = get_backend(model)
         self.rows = 0
         self.calls = 0
+        self.largest = 0
         self.hook = b.model.hook_dict[f"blocks.{b.n_layers - 1}.hook_resid_post"]
 
     def __enter__(self) -> _NodeCounter:
         def count(x: Tensor, hook: Any) -> None:
             self.rows += int(x.shape[0])
             self.calls += 1
+            self.largest = max(self.largest, int(x.shape[0]))
 
         self.hook.add_hook(count)
         return self
@@ -117,6 +119,17 @@ def test_auto_reuses_the_nodes_of_smaller_rules(tiny_llama: Any) -> None:
     used = int(gl.steps[0])
     assert used in (4 + 8, 4 + 8 + 16, 4 + 8 + 16 + 32)
     assert counter.rows == 1 + used + 1  # no α = 0 node: one extra pass for F(A_l = 0)
+
+
+def test_auto_runs_at_most_20_points_per_pass_by_default(tiny_llama: Any) -> None:
+    """Without internal_batch_size, a 65-point rule's 32 new points run as 20 + 12, not in one pass of 32 (the
+    former fixed default's memory: 20 points per pass)."""
+    attr = AttentionAttribution(tiny_llama, wavy)
+    with _NodeCounter(tiny_llama) as counter, pytest.warns(UserWarning, match="did not reach"):
+        res = attr.attribute(TOKENS, layers=[0], n_steps="auto", rtol=1e-12, atol=0.0, max_steps=65)
+    assert res.steps is not None and int(res.steps[0]) == 65
+    assert counter.rows == 1 + 65 and counter.largest == 20
+    assert counter.calls == 1 + 6  # the unmodified pass; then 5, 4, 8, 16, 20 + 12 new points
 
 
 @pytest.mark.parametrize("method", quadrature.RULES)
