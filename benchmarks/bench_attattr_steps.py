@@ -108,7 +108,7 @@ def rule_errors(sample: dict[str, Any]) -> dict[str, dict[int, float]]:
         paid: set[object] = set()
         errors: dict[int, float] = {}
         for rule in quadrature.family(name, 1000):
-            if name == "clenshaw_curtis" and rule.size > N_SAMPLES + 1:
+            if name == "clenshaw_curtis" and rule.size > len(alphas):
                 break
             paid.update(rule.keys)
             values = [exact[a] if a in exact else float(surrogate(a)) for a in rule.alphas]
@@ -205,12 +205,32 @@ def write_report(path: Path, cache: dict[str, Any], args: argparse.Namespace) ->
               "exact), Romberg (nested; surrogate), Gauss-Legendre doubling 4, 8, 16, ... (not nested: evaluations "
               "= all rules tried; surrogate) and Gauss-Legendre at one fixed size (the integer `n_steps` path, "
               "surrogate).", ""]
-    for key in sorted(k for k in cache if k.startswith("rules/")):
+    lines += [f"Gradient evaluations each scheme needs to reach rtol = {args.rtol:g} (atol = {DEFAULT_ATOL:g}); "
+              "'-' where it did not within the samples (Clenshaw-Curtis beyond 129 nodes is not sampled, and the "
+              "surrogate columns cannot resolve errors below Clenshaw-Curtis-129's own):", "",
+              "| task | layer | Clenshaw-Curtis (nested, auto default) | Romberg (nested) | Gauss-Legendre doubling | "
+              "Gauss-Legendre fixed, oracle | Gauss-Legendre fixed, steady |", "|---|---|---|---|---|---|---|"]
+    for key in sorted((k for k in cache if k.startswith("rules/")), key=lambda k: [int(x) for x in k.split("/")[1:]]):
+        entry = cache[key]
+        _, task, layer = key.split("/")
+        limit = args.rtol + DEFAULT_ATOL / abs(entry["change"])
+        cells = []
+        for name in (*quadrature.RULES, "gausslegendre_fixed"):
+            series = sorted((int(n), e) for n, e in entry["errors"][name].items())
+            met = [n for n, e in series if e <= limit]
+            cells.append(str(met[0]) if met else "-")
+        fixed = sorted((int(n), e) for n, e in entry["errors"]["gausslegendre_fixed"].items())
+        steady = [n for n, _ in fixed if all(e <= limit for m, e in fixed if m >= n)]
+        cells.append(str(steady[0]) if steady else "-")
+        lines.append(f"| {task} | {layer} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for key in sorted((k for k in cache if k.startswith("rules/")), key=lambda k: [int(x) for x in k.split("/")[1:]]):
         entry = cache[key]
         _, task, layer = key.split("/")
         errs = entry["errors"]
         lines.append(f"**task {task} ({entry['tokens']} tokens), layer {layer}**: F(A) − F(A_l=0) = "
-                     f"{entry['change']:.4g}")
+                     f"{entry['change']:.4g}; {len(entry['sample']['alphas'])} Clenshaw-Curtis samples"
+                     + (f"; {entry['note']}" if entry.get("note") else ""))
         lines.append("")
         lines.append("| rule | " + " | ".join(["evaluations: error"] * 1) + " |")
         lines.append("|---|---|")
@@ -221,8 +241,12 @@ def write_report(path: Path, cache: dict[str, Any], args: argparse.Namespace) ->
     lines += ["## Cost of `n_steps=\"auto\"` as a ratio to LIG at the same tolerance", "",
               f"rtol = {args.rtol:g}, atol = {DEFAULT_ATOL:g}; F as in part 1; time ratio = "
               "median wall time of AttAttr auto / LIG (alternating, same process).", "",
+              "LIG steps needed: the fewest grid steps whose measured error meets the tolerance (an oracle: "
+              "Gauss-Legendre's error is not monotone in the step count, so a user fixing a count in advance cannot "
+              "know it); steady: the fewest grid steps from which every larger grid count meets it too (part 1's "
+              "surrogate).", "",
               "| task | tokens | layer | auto evaluations | auto error | LIG steps needed | LIG error | "
-              "evaluations ratio | time ratio |", "|---|---|---|---|---|---|---|---|---|"]
+              "evaluations ratio | time ratio | LIG steps, steady |", "|---|---|---|---|---|---|---|---|---|---|"]
     ratios = []
     for key in sorted(k for k in cache if k.startswith("cost/")):
         _, task, layer = key.split("/")
@@ -231,9 +255,16 @@ def write_report(path: Path, cache: dict[str, Any], args: argparse.Namespace) ->
             lines.append(f"| {task} | | {layer} | | | {c['skipped']} | | | |")
             continue
         ratios.append(c["time_ratio"])
+        steady = "?"
+        rules = cache.get(f"rules/{task}/{layer}")
+        if rules is not None:
+            fixed = {int(n): e for n, e in rules["errors"]["gausslegendre_fixed"].items()}
+            limit = args.rtol + DEFAULT_ATOL / abs(rules["change"])
+            ok = [n for n in sorted(fixed) if all(fixed[m] <= limit for m in fixed if m >= n)]
+            steady = str(ok[0]) if ok else f"> {max(fixed)}"
         lines.append(f"| {task} | {c['tokens']} | {layer} | {c['auto_steps']} | {c['auto_error']:.1e} | "
                      f"{c['lig_steps']} | {c['lig_error']:.1e} | {c['auto_steps'] / c['lig_steps']:.2f} | "
-                     f"{c['time_ratio']:.2f} |")
+                     f"{c['time_ratio']:.2f} | {steady} |")
     if ratios:
         lines += ["", f"Time ratio: median {float(np.median(ratios)):.2f}, worst {max(ratios):.2f}."]
     atomic_write_text(path, "\n".join(lines) + "\n")
@@ -246,7 +277,8 @@ def main() -> None:
     ap.add_argument("--rtol", type=float, default=1e-3)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--backend", default="auto")
-    ap.add_argument("--parts", default="rules,cost", help="which parts to run (default both)")
+    ap.add_argument("--parts", default="rules,cost",
+                    help="which parts to run (default both; 'report': only rewrite the report from the cache)")
     ap.add_argument("--lig-budget", type=int, default=600,
                     help="gradient evaluations LIG may spend searching for its step count per layer (default 600)")
     ap.add_argument("--out", default="benchmarks/results/attattr_steps.md")
@@ -255,12 +287,15 @@ def main() -> None:
     from importlib.metadata import version
 
     args.tl = version("transformer_lens")
-    from at2_lens.models import load_model
-
-    model = load_model("smollm2", backend=args.backend)
     out = Path(args.out)
     cache_path = out.with_suffix(".json")
     cache: dict[str, Any] = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    if args.parts == "report":  # rewrite the report from the cached results only
+        write_report(out, cache, args)
+        return
+    from at2_lens.models import load_model
+
+    model = load_model("smollm2", backend=args.backend)
     layers = [int(x) for x in args.layers.split(",")]
     parts = set(args.parts.split(","))
     attr = AttentionAttribution(model)
