@@ -47,6 +47,8 @@ from at2_lens.attattr.attribution import DEFAULT_ATOL  # noqa: E402
 from at2_lens.attattr.targets import labels_objective  # noqa: E402
 from at2_lens.files import atomic_write_text  # noqa: E402
 
+from _timing import interleaved_ratio  # noqa: E402
+
 CHUNK = 8
 """Integration points per forward pass on both sides (``internal_batch_size``), to bound memory on a shared CPU."""
 GRID = (8, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192, 256, 320)
@@ -195,6 +197,18 @@ def cost_layer(model: Any, attr: AttentionAttribution, ids: torch.Tensor, labels
     }
 
 
+def retime(model: Any, attr: AttentionAttribution, ids: torch.Tensor, labels: torch.Tensor, layer: int, n_lig: int,
+           rtol: float, repeats: int) -> dict[str, Any]:
+    """Time auto against LIG at the step count part 2 found, ``repeats`` times alternately (after one warm-up each)."""
+    lig = LigLabels(model, layer, ids[None], labels)
+
+    def auto() -> Any:
+        return attr.attribute(ids, labels, layers=[layer], n_steps="auto", rtol=rtol, internal_batch_size=CHUNK)
+
+    _, _, ratio = interleaved_ratio(auto, lambda: lig.attribute(n_lig, delta=True), repeats=repeats, warmup=1)
+    return {"time_ratio": ratio, "timed_repeats": repeats}
+
+
 def write_report(path: Path, cache: dict[str, Any], args: argparse.Namespace) -> None:
     lines = ["# AttAttr `n_steps=\"auto\"`: steps, error and cost against Captum LIG (SmolLM2)", "",
              f"Command: `python benchmarks/bench_attattr_steps.py --tasks {args.tasks} --layers {args.layers} "
@@ -278,7 +292,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--parts", default="rules,cost",
-                    help="which parts to run (default both; 'report': only rewrite the report from the cache)")
+                    help="which parts to run: rules, cost, retime (time cached cost entries again, --repeats times); "
+                         "default rules,cost; 'report' only rewrites the report from the cache")
     ap.add_argument("--lig-budget", type=int, default=600,
                     help="gradient evaluations LIG may spend searching for its step count per layer (default 600)")
     ap.add_argument("--out", default="benchmarks/results/attattr_steps.md")
@@ -310,6 +325,11 @@ def main() -> None:
                 atomic_write_text(cache_path, json.dumps(cache))
                 print(key, {k: {n: f"{e:.1e}" for n, e in v.items()} for k, v in errors.items()}, flush=True)
             ckey = f"cost/{task}/{layer}"
+            if "retime" in parts and "lig_steps" in cache.get(ckey, {}):
+                cache[ckey].update(retime(model, attr, ids, labels, layer, cache[ckey]["lig_steps"], args.rtol,
+                                          args.repeats))
+                atomic_write_text(cache_path, json.dumps(cache))
+                print(ckey, cache[ckey], flush=True)
             if "cost" in parts and ckey not in cache:
                 # part 1's fixed-size Gauss-Legendre errors propose LIG's step count (else the grid starts at 8)
                 fixed = {int(n): e for n, e in cache.get(key, {}).get("errors", {}).get("gausslegendre_fixed",

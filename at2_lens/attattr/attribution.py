@@ -306,8 +306,10 @@ class SelfAttentionAttribution(Attribution):
                 error ``|Σ attributions − (F(A) − F(A_l = 0))|`` is at most ``rtol·|F(A) − F(A_l = 0)| + atol`` for
                 every row, found by a nested rule that reuses the points already evaluated (see ``method``).
                 Default (None): ``"auto"`` on decoders, 20 on encoders. A fixed 20 Gauss-Legendre points keep the
-                error under 0.1 % on most layers, but the first layers of decoders need far more (SmolLM2 layer 0:
-                4.5 % at 20 points, 0.065 % at 128; ``benchmarks/results/attattr_steps.md``).
+                error under 0.1 % on most layers, but the first layers of decoders can need far more (SmolLM2 on a
+                SQuAD task: layer 1 7 % at 20 points; "The capital of France is": layer 0 needs 257 Clenshaw-Curtis
+                points), and Gauss-Legendre's error is not monotone in the count (layer 0: 0.04 % at 20, 1.1 % at
+                24); see ``benchmarks/results/attattr_steps.md``.
             method: the quadrature. Integer ``n_steps``: Captum's ``"gausslegendre"`` (default), ``"riemann_right"``,
                 ``"riemann_left"``, ``"riemann_middle"`` or ``"riemann_trapezoid"``. ``n_steps="auto"``: a rule
                 family of ``at2_lens.attattr.quadrature``: ``"clenshaw_curtis"`` (default; nested, 5, 9, 17, ...

@@ -15,7 +15,11 @@ Families (``RULES``):
 - ``"gausslegendre"``: Gauss-Legendre with ``4, 8, 16, ...`` nodes, which share no node (each rule is paid in full;
   the rule of the fixed ``n_steps`` path, kept for the benchmark).
 
-Measured on SmolLM2 (``benchmarks/bench_attattr_steps.py``, ``benchmarks/results/attattr_steps.md``).
+Why Clenshaw-Curtis (``benchmarks/bench_attattr_steps.py``, ``benchmarks/results/attattr_steps.md``; SmolLM2, SQuAD
+training-split tasks, rtol 1e-3): gradient evaluations to reach the tolerance on layer 0 were 65 / 33 (two tasks)
+for Clenshaw-Curtis, 129 / 65 for Romberg and 124 / 124 for Gauss-Legendre doubling; layer 2: 65, 65, 124. The
+integrand wiggles near α = 0 on the first layers, so a fixed Gauss-Legendre count is unreliable there too (layer 0
+of one task: 0.04 % error at 20 points, 1.1 % at 24 and 0.17 % at 32).
 """
 
 from __future__ import annotations
