@@ -45,3 +45,22 @@ def test_smollm2_next_token_attribution(smollm2: object) -> None:
     assert abs(float(res.output.reshape(-1)[0]) - float(log_p[paris])) < 1e-4  # F(A) = log p(" Paris")
     assert float(res.relative_convergence_delta().abs().max()) < 1e-2
     assert list(res.by_hook_name()) == ["blocks.29.attn.hook_pattern"]
+
+
+@pytest.mark.slow
+def test_smollm2_auto_steps_meet_the_tolerance_on_layer_0(smollm2: object) -> None:
+    """SmolLM2's first layer is where a fixed step count fails; n_steps="auto" picks enough points to meet rtol."""
+    b = get_backend(smollm2)
+    ids = torch.tensor(b.tokenizer("The capital of France is")["input_ids"])
+    attr = AttentionAttribution(smollm2)
+    res = attr.attribute(ids, layers=[0], n_steps="auto", rtol=1e-3)  # target: the predicted next token
+    assert res.n_steps == "auto" and res.steps is not None and res.converged is not None
+    assert bool(res.converged[0]) and 5 <= int(res.steps[0]) <= 257
+    print(f"SmolLM2 layer 0, auto: {int(res.steps[0])} points, error {float(res.relative_convergence_delta()[0]):.1e}")
+    assert res.convergence_delta is not None and res.baseline_output is not None
+    change = float((res.output - res.baseline_output[0]).abs())
+    assert abs(float(res.convergence_delta[0])) <= 1e-3 * change + 1e-5
+    # the completeness target is the integer path's own: F with layer 0's attention zeroed, from its extra forward
+    fixed = attr.attribute(ids, layers=[0], n_steps=2, return_convergence_delta=True)
+    assert fixed.baseline_output is not None
+    assert abs(float(fixed.baseline_output[0] - res.baseline_output[0])) < 1e-4 * max(1.0, abs(change))

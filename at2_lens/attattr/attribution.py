@@ -15,16 +15,18 @@ an ``AttAttrResult`` (per-layer attributions, completeness deltas and baselines)
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from captum.attr import Attribution, IntegratedGradients
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from at2_lens._validate import check_choice, check_int, check_optional_int
+from at2_lens._validate import check_choice, check_int, check_optional_int, check_positive
+from at2_lens.attattr import quadrature
 from at2_lens.attattr.memory import chunk_rows, parse_memory_budget, step_bytes
 from at2_lens.attattr.readouts import ForwardOutput, OutputFunc, resolve_hook_names
 from at2_lens.attattr.result import AttAttrResult
@@ -44,7 +46,26 @@ from at2_lens.interventions import FwdHook, replace_pattern
 from at2_lens.models.pooling import last_real_positions
 
 METHODS: tuple[str, ...] = ("gausslegendre", "riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid")
-"""Captum's integral approximations."""
+"""Captum's integral approximations (integer ``n_steps``)."""
+
+AUTO_METHODS: tuple[str, ...] = quadrature.RULES
+"""The rule families of ``n_steps="auto"`` (see ``at2_lens.attattr.quadrature``); the first is its default."""
+
+DEFAULT_RTOL = 1e-3
+"""``n_steps="auto"``: relative completeness tolerance per layer."""
+DEFAULT_ATOL = 1e-5
+"""``n_steps="auto"``: absolute completeness tolerance per layer, in F's units (log-probability by default). It keeps
+a layer whose attention barely changes F (``|F(A) − F(A_l = 0)|`` near zero, where a relative error is float noise)
+from running to the cap."""
+DEFAULT_MAX_STEPS = 257
+"""``n_steps="auto"``: at most this many gradient evaluations per layer (Clenshaw-Curtis: up to its 257-node rule)."""
+AUTO_STEPS_PER_PASS = 20
+"""``n_steps="auto"`` without ``internal_batch_size``/``memory_budget``: at most this many integration points per
+forward pass (the memory of the former fixed default, 20 points in one pass), however large the rule."""
+DECODER_DEFAULT_STEPS: Literal["auto"] = "auto"
+ENCODER_DEFAULT_STEPS = 20
+"""``n_steps=None`` (the default): ``"auto"`` on decoders, whose first layers need far more than 20 points, and 20
+Gauss-Legendre points on encoders (completeness error <= 1e-3 on MiniLM-SST2 there)."""
 
 
 # ------------------------------------------------------------------------------------------------ argument checks
@@ -53,7 +74,44 @@ def check_n_steps(n_steps: object, method: str) -> int:
     try:
         return check_int("n_steps", n_steps, minimum=1 if method == "gausslegendre" else 2)
     except InputError as err:
-        raise InputError(f"{err} (method={method!r})") from None
+        raise InputError(f"{err} (method={method!r}); or n_steps='auto'") from None
+
+
+@dataclass(frozen=True)
+class _Tolerance:
+    """``n_steps="auto"``: stop a layer at the first rule with ``|Σ attr − (F(1) − F(0))| <= rtol·|F(1) − F(0)| +
+    atol`` (every row), or at ``max_steps`` gradient evaluations."""
+
+    rtol: float
+    atol: float
+    max_steps: int
+
+
+def check_integration(
+    n_steps: object, method: object, rtol: object, atol: object, max_steps: object, *, causal: bool
+) -> tuple[int | Literal["auto"], str, _Tolerance | None]:
+    """``(n_steps, method, tolerance)`` from ``attribute``'s integration arguments; tolerance is None for an integer
+    ``n_steps``, which takes none of ``rtol``/``atol``/``max_steps``."""
+    if n_steps is None:
+        n_steps = DECODER_DEFAULT_STEPS if causal else ENCODER_DEFAULT_STEPS
+    if isinstance(n_steps, str):
+        if n_steps != "auto":
+            raise InputError(f"n_steps: expected a positive integer or 'auto', got {n_steps!r}")
+        rule = check_choice("method", AUTO_METHODS[0] if method is None else method, AUTO_METHODS)
+        smallest = next(quadrature.family(rule, 10**9)).size
+        tol = _Tolerance(
+            rtol=check_positive("rtol", DEFAULT_RTOL if rtol is None else rtol),
+            atol=check_positive("atol", DEFAULT_ATOL if atol is None else atol, allow_zero=True),
+            max_steps=check_int("max_steps", DEFAULT_MAX_STEPS if max_steps is None else max_steps, minimum=smallest),
+        )
+        if tol.rtol >= 1:
+            raise InputError(f"rtol: expected a number in (0, 1), got {rtol!r}")
+        return "auto", rule, tol
+    for name, value in (("rtol", rtol), ("atol", atol), ("max_steps", max_steps)):
+        if value is not None:
+            raise InputError(f"{name}: only used with n_steps='auto' (got n_steps={n_steps!r}); leave it None")
+    rule = check_choice("method", "gausslegendre" if method is None else method, METHODS)
+    return check_n_steps(n_steps, rule), rule, None
 
 
 def as_layer_list(layers: int | Sequence[int] | None) -> Sequence[int] | None:
@@ -96,8 +154,9 @@ class _Call:
     target: Tensor | None  # normalised
     extra: tuple[Any, ...]  # additional_forward_args
     layers: list[int]
-    n_steps: int
+    n_steps: int | Literal["auto"]
     method: str
+    tolerance: _Tolerance | None  # n_steps="auto" only
     labels: Tensor | None  # [batch, pos] labels, where they are known before the unmodified pass
     rows: Tensor | None  # the logits rows F reads (decoder targets without output_func), else None
     rows_only: bool  # whether only those rows are computed (may still be revoked by the unmodified pass)
@@ -212,12 +271,15 @@ class SelfAttentionAttribution(Attribution):
         additional_forward_args: Any = None,
         *,
         layers: int | Sequence[int] | None = None,
-        n_steps: int = 20,
-        method: str = "gausslegendre",
+        n_steps: int | Literal["auto"] | None = None,
+        method: str | None = None,
         internal_batch_size: int | None = None,
         memory_budget: int | str | None = None,
         attention_mask: Int[Tensor, "batch pos"] | Int[Tensor, " pos"] | None = None,
         return_convergence_delta: bool = False,
+        rtol: float | None = None,
+        atol: float | None = None,
+        max_steps: int | None = None,
     ) -> AttAttrResult:
         """Attribute F to the attention of each layer in ``layers``, one layer at a time.
 
@@ -240,30 +302,45 @@ class SelfAttentionAttribution(Attribution):
             additional_forward_args: passed to ``output_func`` after ``inputs`` (tensors are expanded per
                 integration step along their first axis, as in Captum).
             layers: a layer index or indices to attribute (default all).
-            n_steps: integration points per layer. 20 Gauss-Legendre points keep the completeness error under
-                0.1 % on most layers, but the first layers of real models can need 100+ (SmolLM2 layer 0: 5-25 %
-                at 20 points, 0.07 % at 128): check ``return_convergence_delta``.
-            method: Captum's ``"gausslegendre"`` (default), ``"riemann_right"``, ``"riemann_left"``,
-                ``"riemann_middle"`` or ``"riemann_trapezoid"``.
+            n_steps: integration points per layer, or ``"auto"``: per layer, the fewest points whose completeness
+                error ``|Σ attributions − (F(A) − F(A_l = 0))|`` is at most ``rtol·|F(A) − F(A_l = 0)| + atol`` for
+                every row, found by a nested rule that reuses the points already evaluated (see ``method``).
+                Default (None): ``"auto"`` on decoders, 20 on encoders. A fixed 20 Gauss-Legendre points keep the
+                error under 0.1 % on most layers, but the first layers of decoders can need far more (SmolLM2 on a
+                SQuAD task: layer 1 7 % at 20 points; "The capital of France is": layer 0 needs 257 Clenshaw-Curtis
+                points), and Gauss-Legendre's error is not monotone in the count (layer 0: 0.04 % at 20, 1.1 % at
+                24); see ``benchmarks/results/attattr_steps.md``.
+            method: the quadrature. Integer ``n_steps``: Captum's ``"gausslegendre"`` (default), ``"riemann_right"``,
+                ``"riemann_left"``, ``"riemann_middle"`` or ``"riemann_trapezoid"``. ``n_steps="auto"``: a rule
+                family of ``at2_lens.attattr.quadrature``: ``"clenshaw_curtis"`` (default; nested, 5, 9, 17, ...
+                points), ``"romberg"`` (nested) or ``"gausslegendre"`` (4, 8, 16, ... points, none reused).
             internal_batch_size: at most this many rows per forward pass (examples × steps), to bound memory.
+                ``n_steps="auto"`` without it (or ``memory_budget``) runs at most 20 points per pass.
             memory_budget: instead of ``internal_batch_size``, the memory the integration steps may use, in bytes or
                 as a string (``"2GB"``, ``"512MiB"``): each layer's steps are chunked so that a chunk's estimated
                 activations fit (see ``at2_lens.attattr.memory``; weights and the clean pass are not counted).
                 Chunking changes only the order of float sums. A budget too small for one step is an InputError.
             attention_mask: ``[batch, pos]``, 1 for real tokens, 0 for padding.
             return_convergence_delta: also compute, per layer, ``Σ attributions − (F(A) − F(A_l = 0))`` (one extra
-                forward per layer).
+                forward per layer). Always computed with ``n_steps="auto"``.
+            rtol, atol: ``n_steps="auto"`` only: the completeness tolerance per layer (defaults ``1e-3`` and
+                ``1e-5`` in F's units; atol keeps layers with ``F(A) ≈ F(A_l = 0)`` from chasing float noise).
+            max_steps: ``n_steps="auto"`` only: at most this many gradient evaluations per layer (default 257). A
+                layer that has not met the tolerance by then keeps its best rule's attributions, is marked in
+                ``result.converged`` and raises a ``UserWarning``.
 
         Returns:
             an ``AttAttrResult``: ``.attributions`` ``[layer, head, query, key]`` for one example (``[batch, layer,
-            head, query, key]`` for several), ``.by_hook_name()``, ``.head_importance()``, ``.convergence_delta``.
+            head, query, key]`` for several), ``.by_hook_name()``, ``.head_importance()``, ``.convergence_delta``;
+            with ``n_steps="auto"`` also ``.steps`` (gradient evaluations per layer), ``.converged`` and
+            ``.relative_convergence_delta()`` (the achieved error).
         """
         call = self._check_call(
             inputs, target, additional_forward_args, layers=layers, n_steps=n_steps, method=method,
             internal_batch_size=internal_batch_size, memory_budget=memory_budget, attention_mask=attention_mask,
-            return_convergence_delta=return_convergence_delta,
+            return_convergence_delta=return_convergence_delta, rtol=rtol, atol=atol, max_steps=max_steps,
         )
-        attributions, f_full, delta, base = self._attribute(call)
+        attributions, f_full, delta, base, steps, converged = self._attribute(call)
         single = call.n_rows == 1
         return AttAttrResult(
             attributions=attributions[0] if single else attributions,
@@ -274,6 +351,11 @@ class SelfAttentionAttribution(Attribution):
             attention_mask=call.mask,
             method=call.method,
             n_steps=call.n_steps,
+            steps=steps,
+            converged=converged,
+            rtol=call.tolerance.rtol if call.tolerance else None,
+            atol=call.tolerance.atol if call.tolerance else None,
+            max_steps=call.tolerance.max_steps if call.tolerance else None,
         )
 
     def internal_batch_size_for(
@@ -296,18 +378,21 @@ class SelfAttentionAttribution(Attribution):
         additional_forward_args: Any,
         *,
         layers: int | Sequence[int] | None,
-        n_steps: int,
-        method: str,
+        n_steps: object,
+        method: object,
         internal_batch_size: int | None,
         memory_budget: int | str | None,
         attention_mask: Any,
         return_convergence_delta: bool,
+        rtol: object = None,
+        atol: object = None,
+        max_steps: object = None,
     ) -> _Call:
         """Every argument of ``attribute`` checked and formatted; everything checkable without a forward pass fails
         here (a too-small memory budget included)."""
         backend = self.backend
-        method = check_choice("method", method, METHODS)
-        n_steps = check_n_steps(n_steps, method)
+        n_steps, method, tolerance = check_integration(n_steps, method, rtol, atol, max_steps,
+                                                       causal=backend.is_causal)
         internal_batch_size = check_optional_int("internal_batch_size", internal_batch_size)
         if memory_budget is not None and internal_batch_size is not None:
             raise InputError("memory_budget: give either memory_budget or internal_batch_size, not both")
@@ -347,12 +432,13 @@ class SelfAttentionAttribution(Attribution):
         chunks: dict[int, int | None] = {layer: internal_batch_size for layer in layer_list}
         if budget is not None:
             logit_rows = len(rows) if (rows_only and rows is not None) else n_pos
-            chunks = {layer: self._chunk_rows(budget, n_rows, n_pos, n_steps, layer, start[layer], logit_rows)
+            most = n_steps if tolerance is None else quadrature.max_cost(method, tolerance.max_steps)
+            chunks = {layer: self._chunk_rows(budget, n_rows, n_pos, most, layer, start[layer], logit_rows)
                       for layer in layer_list}
         return _Call(
             tokens=tokens, mask=mask, inputs_1d=inputs_1d, target=tgt, extra=extra, layers=layer_list,
-            n_steps=n_steps, method=method, labels=labels, rows=rows, rows_only=rows_only, start=start,
-            chunks=chunks, return_convergence_delta=bool(return_convergence_delta),
+            n_steps=n_steps, method=method, tolerance=tolerance, labels=labels, rows=rows, rows_only=rows_only,
+            start=start, chunks=chunks, return_convergence_delta=bool(return_convergence_delta),
         )
 
     def _check_mask(self, attention_mask: object, shape: torch.Size) -> Tensor | None:
@@ -415,9 +501,12 @@ class SelfAttentionAttribution(Attribution):
         return chunk_rows(budget, per_step, n_rows, n_steps)
 
     # ------------------------------------------------------------------------------------------------ algorithm
-    def _attribute(self, call: _Call) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-        """Attributions ``[batch, layer, head, q, k]``, F ``[batch]`` and, if asked, the completeness deltas and
-        baselines ``[batch, layer]``."""
+    def _attribute(
+        self, call: _Call
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+        """Attributions ``[batch, layer, head, q, k]``, F ``[batch]``, the completeness deltas and baselines
+        ``[batch, layer]`` (if asked or ``n_steps="auto"``) and, with ``"auto"``, the gradient evaluations and
+        convergence per layer ``[layer]``."""
         patterns, resids, clean_out, rows_ok = self._clean_pass(call)
         selector = self._selector(call, clean_out)
         with torch.no_grad():
@@ -429,16 +518,26 @@ class SelfAttentionAttribution(Attribution):
         attrs: list[Tensor] = []
         deltas: list[Tensor] = []
         baselines: list[Tensor] = []
+        steps: list[int] = []
+        converged: list[bool] = []
         for layer in call.layers:
-            attr, f_zero = self._integrate_layer(call, layer, patterns[layer], resids.get(layer), start_mask,
-                                                 selector, rows)
+            inputs = (call, layer, patterns[layer], resids.get(layer), start_mask, selector, rows)
+            if call.tolerance is None:
+                attr, f_zero = self._integrate_layer(*inputs)
+            else:
+                attr, f_zero, used, ok = self._integrate_layer_auto(*inputs, f_full)
+                steps.append(used)
+                converged.append(ok)
             attrs.append(attr)
             if f_zero is not None:
                 baselines.append(f_zero)
                 deltas.append(attr.sum(dim=(1, 2, 3)).to(f_full.dtype) - (f_full - f_zero))
         delta = torch.stack(deltas, dim=1) if deltas else None
         base = torch.stack(baselines, dim=1) if baselines else None
-        return torch.stack(attrs, dim=1), f_full, delta, base
+        if call.tolerance is None:
+            return torch.stack(attrs, dim=1), f_full, delta, base, None, None
+        return (torch.stack(attrs, dim=1), f_full, delta, base, torch.tensor(steps, dtype=torch.long),
+                torch.tensor(converged, dtype=torch.bool))
 
     @torch.no_grad()
     def _clean_pass(self, call: _Call) -> tuple[dict[int, Tensor], dict[int, Tensor], ForwardOutput, bool]:
@@ -523,6 +622,94 @@ class SelfAttentionAttribution(Attribution):
                 f_zero = forward(torch.zeros_like(pattern), *args).detach()
         return attr.detach(), f_zero
 
+    def _integrate_layer_auto(
+        self,
+        call: _Call,
+        layer: int,
+        pattern: Tensor,
+        resid: Tensor | None,
+        start_mask: Tensor | None,
+        selector: Tensor | None,
+        rows: Tensor | None,
+        f_full: Tensor,
+    ) -> tuple[Tensor, Tensor, int, bool]:
+        """``n_steps="auto"`` on one layer: the rules of ``call.method``'s family in order of size, each node's
+        gradient evaluated once, until the completeness tolerance holds for every row or ``max_steps`` is reached.
+
+        Returns the attributions ``[batch, head, q, k]``, F with the layer's attention zeroed ``[batch]``, the
+        gradient evaluations made and whether the tolerance was met.
+        """
+        tol = call.tolerance
+        assert tol is not None
+        forward = self._layer_forward(layer, rows)
+        args = (call.tokens, call.mask, start_mask, resid, selector, *call.extra)
+        rules = list(quadrature.family(call.method, tol.max_steps))
+        # One running weighted sum of gradients per rule: each node adds its gradient, weighted, to the sums of every
+        # rule (not yet ruled out) that contains it, so no per-node gradient is kept.
+        sums: list[Tensor | None] = [torch.zeros_like(pattern) for _ in rules]
+        weights = [dict(zip(rule.keys, rule.weights, strict=True)) for rule in rules]
+        done: set[object] = set()
+        chunk = call.chunks[layer]
+        per_chunk = max(1, chunk // call.n_rows) if chunk is not None else AUTO_STEPS_PER_PASS
+        f_zero: Tensor | None = None
+        attr = pattern
+        ok = False
+        for i, rule in enumerate(rules):
+            new = [(key, alpha) for key, alpha in zip(rule.keys, rule.alphas, strict=True) if key not in done]
+            for lo in range(0, len(new), per_chunk):
+                part = new[lo:lo + per_chunk]
+                f_alpha, grads = self._node_gradients(forward, pattern, args, [alpha for _, alpha in part])
+                for j, (key, alpha) in enumerate(part):
+                    done.add(key)
+                    if alpha == 0.0:
+                        f_zero = f_alpha[j]
+                    for later in range(i, len(rules)):
+                        total, weight = sums[later], weights[later].get(key)
+                        if total is not None and weight is not None:
+                            total.add_(grads[j], alpha=weight)
+                del grads
+            total = sums[i]
+            assert total is not None
+            attr = pattern * total
+            sums[i] = None  # this rule is done with
+            if not bool(torch.isfinite(attr).all()):
+                raise NumericalError(f"attributions of layer {layer} hold NaN or inf; refusing to return them")
+            if f_zero is None:
+                with torch.no_grad():
+                    f_zero = forward(torch.zeros_like(pattern), *args).detach()
+            change = f_full - f_zero
+            error = (attr.sum(dim=(1, 2, 3)).to(change.dtype) - change).abs()
+            if bool((error <= tol.rtol * change.abs() + tol.atol).all()):
+                ok = True
+                break
+        if not ok:
+            worst = float((error / change.abs().clamp_min(torch.finfo(change.dtype).tiny)).max())
+            warnings.warn(
+                f"AttAttr: layer {layer} did not reach rtol={tol.rtol:g} (atol={tol.atol:g}) within "
+                f"max_steps={tol.max_steps} gradient evaluations ({len(done)} made, relative completeness error "
+                f"{worst:.2e}); its attributions come from the largest rule tried (result.converged marks it). "
+                "Raise max_steps or rtol.",
+                UserWarning,
+                stacklevel=4,
+            )
+        assert f_zero is not None
+        return attr.detach(), f_zero.detach(), len(done), ok
+
+    def _node_gradients(
+        self, forward: Any, pattern: Tensor, args: tuple[Any, ...], alphas: list[float]
+    ) -> tuple[Tensor, Tensor]:
+        """F and ∂F/∂pattern at ``alphas[i]·pattern``: ``[node, batch]`` and ``[node, batch, head, q, k]``, the
+        nodes in one forward and backward pass (inputs repeated per node along the batch axis, as Captum does)."""
+        n, rows = len(alphas), pattern.shape[0]
+        scale = torch.tensor(alphas, dtype=pattern.dtype, device=pattern.device)
+        scaled = (scale[:, None, None, None, None] * pattern[None]).reshape(n * rows, *pattern.shape[1:])
+        expanded = tuple(torch.cat([a] * n, dim=0) if isinstance(a, Tensor) else a for a in args)
+        with torch.enable_grad():
+            scaled.requires_grad_(True)
+            f = forward(scaled, *expanded)
+            (grad,) = torch.autograd.grad(f.sum(), scaled)
+        return f.detach().reshape(n, rows), grad.reshape(n, *pattern.shape)
+
     def _capture_hooks(self, store: dict[str, Tensor]) -> list[FwdHook]:
         hooks: list[FwdHook] = []
         for alias, name in self.output_hooks.items():
@@ -575,4 +762,4 @@ class SelfAttentionAttribution(Attribution):
 AttentionAttribution = SelfAttentionAttribution
 """The former name of ``SelfAttentionAttribution`` (kept: ``at2_lens.AttentionAttribution``)."""
 
-__all__ = ["METHODS", "AttentionAttribution", "SelfAttentionAttribution"]
+__all__ = ["AUTO_METHODS", "METHODS", "AttentionAttribution", "SelfAttentionAttribution"]

@@ -19,7 +19,7 @@ from at2_lens.errors import InputError, ResultFileError
 
 RESULT_FORMAT = "at2_lens.attattr_result"
 RESULT_FORMAT_VERSION = 1
-_OPTIONAL_TENSORS = ("convergence_delta", "baseline_output", "attention_mask")
+_OPTIONAL_TENSORS = ("convergence_delta", "baseline_output", "attention_mask", "steps", "converged")
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,13 @@ class AttAttrResult:
             ``[batch, layer]``; None unless ``return_convergence_delta=True``.
         baseline_output: F with layer ``l``'s attention zeroed, same shape as ``convergence_delta``, or None.
         attention_mask: the padding mask ``[batch, pos]`` used, or None.
-        method, n_steps: the integral approximation used.
+        method, n_steps: the integral approximation used (``n_steps`` is ``"auto"`` when the points were chosen per
+            layer; ``method`` is then the rule family, e.g. ``"clenshaw_curtis"``).
+        steps: ``n_steps="auto"`` only: gradient evaluations made per layer, ``[layer]`` (the size of the rule
+            that met the tolerance for a nested family); None otherwise.
+        converged: ``n_steps="auto"`` only: per layer, whether every row met the tolerance within ``max_steps``
+            (``[layer]`` bool); the achieved error is ``relative_convergence_delta()``. None otherwise.
+        rtol, atol, max_steps: ``n_steps="auto"`` only: the tolerance asked for; None otherwise.
         model_fingerprint: the model attributed (``at2_lens.at2.estimator.model_fingerprint``), when known (set by
             ``save(path, model=...)`` and kept by ``load``).
     """
@@ -47,8 +53,13 @@ class AttAttrResult:
     baseline_output: Tensor | None = None
     attention_mask: Tensor | None = None
     method: str = "gausslegendre"
-    n_steps: int = 20
+    n_steps: int | str = 20
     model_fingerprint: dict[str, Any] | None = None
+    steps: Tensor | None = None
+    converged: Tensor | None = None
+    rtol: float | None = None
+    atol: float | None = None
+    max_steps: int | None = None
 
     @property
     def batched(self) -> bool:
@@ -105,6 +116,8 @@ class AttAttrResult:
             fingerprint = model_fingerprint(get_backend(model))
         meta = {"layers": list(self.layers), "method": self.method, "n_steps": self.n_steps,
                 "model_fingerprint": fingerprint}
+        if self.n_steps == "auto":
+            meta.update(rtol=self.rtol, atol=self.atol, max_steps=self.max_steps)
         return write_result(path, RESULT_FORMAT, RESULT_FORMAT_VERSION, tensors, meta)
 
     @classmethod
@@ -124,11 +137,18 @@ class AttAttrResult:
                 raise ValueError(f"attributions of shape {tuple(attributions.shape)} do not fit layers {layers}")
             if not isinstance(meta["model_fingerprint"], dict | None):
                 raise TypeError(f"model_fingerprint is {meta['model_fingerprint']!r}")
+            n_steps = meta["n_steps"]
+            auto = n_steps == "auto"
+            if not auto:
+                n_steps = int(n_steps)
             return cls(
                 attributions=attributions, layers=layers, output=tensors["output"],
                 **{name: tensors.get(name) for name in _OPTIONAL_TENSORS},
-                method=str(meta["method"]), n_steps=int(meta["n_steps"]),
+                method=str(meta["method"]), n_steps=n_steps,
                 model_fingerprint=meta["model_fingerprint"],
+                rtol=float(meta["rtol"]) if auto else None,
+                atol=float(meta["atol"]) if auto else None,
+                max_steps=int(meta["max_steps"]) if auto else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ResultFileError(f"{path}: inconsistent AttAttrResult file ({type(exc).__name__}: {exc})") from None
