@@ -169,6 +169,10 @@ def test_adapter_bad_files_are_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "b.safetensors").exists() and not (tmp_path / "c.safetensors").exists()
     with pytest.raises(InputError, match="backend"):
         load_minilm_sst2_finetuned("nonsense")
+    from at2_lens.models.classifier import load_minilm_sst2
+
+    with pytest.raises(InputError, match="finetuned"):
+        load_minilm_sst2(finetuned=True, head_path=tmp_path / "a.safetensors")
 
 
 # ----------------------------------------------------------------------------------------------- shipped model
