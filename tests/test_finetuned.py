@@ -28,6 +28,9 @@ from tests.conftest import BACKENDS
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ALPHA = 4.0
+# Measured: 58/64 = 0.906 on the first 64 validation sentences (TL 3.9 HookedEncoder and TL 4.3 bridge), 0.641 with
+# every head masked; the bound leaves 4 sentences of margin.
+ACC64_BOUND = 0.84
 
 
 def _lora_wrapped(hf_model: torch.nn.Module, rank: int = 2, seed: int = 0) -> dict[str, LoRALinear]:
