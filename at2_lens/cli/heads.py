@@ -163,8 +163,8 @@ def cmd_heads(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - t0
     print(f"{clf.backend.describe()} ({args.classifier if args.head is None else 'head ' + args.head}): importance "
           f"from {len(imp_texts)} SST-2 training phrases (seed {args.seed}, AttAttr {args.n_steps} steps), accuracy "
-          f"(%) on {len(eval_texts)} validation sentences; random: mean of {args.random_draws} draws; "
-          f"{elapsed:.0f} s\n")
+          f"(%) on {len(eval_texts)} validation sentences"
+          f"{f'; random: mean of {args.random_draws} draws' if 'random' in methods else ''}; {elapsed:.0f} s\n")
     print(markdown_sweep(df))
     if stability is not None:
         print(f"\nranking stability: importance from two disjoint halves ({int(stability['n_a'].iloc[0])} and "
