@@ -30,6 +30,8 @@ REQUIRED_PACKAGE_FILES = (
     "estimators/smollm2-135m-instruct.md",
     "classifier_heads/minilm_sst2.safetensors",
     "classifier_heads/minilm_sst2.md",
+    "classifier_heads/minilm_sst2_finetuned.safetensors",
+    "classifier_heads/minilm_sst2_finetuned.md",
     "data/README.md",
     "data/squad_v2/dev_subset.json",
     "data/sst2/validation.tsv",

@@ -38,20 +38,28 @@ def test_heads_writes_csv_plot_and_table(tiny_classifier_files: tuple[Path, Path
                                          capsys: pytest.CaptureFixture[str]) -> None:
     model_dir, head, data = tiny_classifier_files
     csv, png, imp = tmp_path / "sweep.csv", tmp_path / "sweep.png", tmp_path / "imp.json"
+    stab = tmp_path / "stability.csv"
     assert main(["heads", "--model", str(model_dir), "--head", str(head), "--data-dir", str(data),
                  "--n-importance", "4", "--n-fractions", "2", "--n-steps", "2", "--batch-size", "2",
-                 "--csv", str(csv), "--plot", str(png), "--importance-json", str(imp)]) == 0
+                 "--csv", str(csv), "--plot", str(png), "--importance-json", str(imp), "--random-draws", "3",
+                 "--stability-csv", str(stab), "--no-progress"]) == 0
     df = pd.read_csv(csv)
-    assert len(df) == 3 * 4 and list(df["method"].unique()) == ["attattr", "attention", "taylor", "random"]
+    assert len(df) == 3 * 3 + 3 * 3 and list(df["method"].unique()) == ["attattr", "attention", "taylor", "random"]
+    assert sorted(df[df.method == "random"]["draw"].unique()) == [0, 1, 2]
     assert df["fraction"].unique().tolist() == [0.0, 0.5, 1.0]
     assert df[df.fraction == 0.0]["accuracy"].nunique() == 1 and df[df.fraction == 1.0]["accuracy"].nunique() == 1
     assert df["n_pruned"].max() == 8  # the tiny BERT: 2 layers x 4 heads
     assert png.read_bytes()[:4] == b"\x89PNG"
     scores = json.loads(imp.read_text())
-    assert set(scores) == {"attattr", "attention", "taylor", "random"} and len(scores["attattr"]) == 2
+    assert set(scores) == {"attattr", "attention", "taylor", "halves"} and len(scores["attattr"]) == 2
+    assert set(scores["halves"]["taylor"]) == {"a", "b"}
+    st = pd.read_csv(stab)
+    assert st["method"].tolist() == ["attattr", "attention", "taylor"] and (st["n_a"] == 2).all()
+    assert st["spearman"].between(-1, 1).all()
     out = capsys.readouterr().out
     assert "| pruned | heads | attattr | attention | taylor | random |" in out
-    assert "| 50 % | 4 |" in out and "on 4 validation sentences" in out
+    assert "| 50 % | 4 |" in out and "on 4 validation sentences" in out and " ± " in out
+    assert "| method | Spearman (set A vs set B) |" in out
 
 
 def test_tree_writes_png_and_prints_edges(tiny_classifier_files: tuple[Path, Path, Path], tmp_path: Path,
@@ -86,8 +94,8 @@ def test_heads_on_minilm_sst2(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     from at2_lens.models.classifier import load_minilm_sst2, load_sst2
 
     csv = tmp_path / "sweep.csv"
-    assert main(["heads", "--n-importance", "8", "--n-eval", "48",
-                 "--n-fractions", "2", "--n-steps", "4", "--csv", str(csv), "--plot", ""]) == 0
+    assert main(["heads", "--n-importance", "8", "--n-eval", "48", "--classifier", "probe", "--random-draws", "1",
+                 "--n-fractions", "2", "--n-steps", "4", "--csv", str(csv), "--plot", "", "--no-progress"]) == 0
     df = pd.read_csv(csv)
     assert len(df) == 3 * 4 and df["n_pruned"].tolist()[:3] == [0, 36, 72]
     texts, labels = load_sst2("validation", limit=48)

@@ -17,11 +17,14 @@ from at2_lens.attattr.head_importance import (
     compare_pruning,
     head_importance,
     head_mask_hooks,
+    importance_stability,
+    layer_normalised,
     mask_heads,
     plot_pruning,
     pruning_mask,
     pruning_sweep,
     random_importance,
+    random_pruning,
 )
 from at2_lens.backends import get_backend
 from at2_lens.errors import InputError
@@ -206,6 +209,69 @@ def test_compare_pruning_and_plot(tiny_classifiers: dict[str, TinyClassifier], t
     path = tmp_path / "pruning.png"
     plot_pruning(df, str(path), title="tiny")
     assert path.stat().st_size > 0
+
+
+# ------------------------------------------------------------------------------------------------ stability
+STAB_TEXTS = [*TEXTS, "an awful mess", "a warm , funny story", "not worth it", "loved every minute"]
+STAB_LABELS = [*LABELS, 0, 1, 0, 1]
+
+
+def test_importance_stability_halves_sum_to_the_whole(tiny_classifiers: dict[str, TinyClassifier]) -> None:
+    clf = tiny_classifiers[BACKENDS[0]]
+    df = importance_stability(clf, STAB_TEXTS, STAB_LABELS, method_kwargs={"attattr": {"n_steps": 2}})
+    assert df["method"].tolist() == ["attattr", "attention", "taylor"]
+    assert (df["n_a"] == 4).all() and (df["n_b"] == 5).all()
+    for method in ("attattr", "attention"):  # sums over examples: the whole set is the sum of the halves
+        imp = df.attrs["importance"][method]
+        whole = head_importance(method, clf, STAB_TEXTS, STAB_LABELS, **({"n_steps": 2} if method == "attattr" else {}))
+        torch.testing.assert_close(torch.tensor(imp["a"]) + torch.tensor(imp["b"]), whole, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(torch.tensor(imp["all"]), whole, rtol=1e-4, atol=1e-6)
+    taylor = df.attrs["importance"]["taylor"]
+    torch.testing.assert_close(torch.tensor(taylor["all"]), head_importance("taylor", clf, STAB_TEXTS, STAB_LABELS),
+                               rtol=1e-4, atol=1e-6)
+    # Spearman is the rank correlation of the two halves' scores (checked against a hand-ranked computation).
+    a, b = torch.tensor(taylor["a"]).flatten(), torch.tensor(taylor["b"]).flatten()
+    ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
+    rho = float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+    assert df.set_index("method").loc["taylor", "spearman"] == pytest.approx(rho, abs=1e-6)
+    assert df["pruned_overlap"].between(0, 1).all()
+
+
+def test_importance_stability_identical_halves_agree_perfectly(tiny_classifiers: dict[str, TinyClassifier]) -> None:
+    clf = tiny_classifiers[BACKENDS[0]]
+    df = importance_stability(clf, TEXTS[:3] * 2, LABELS[:3] * 2, ["attention", "taylor"])
+    assert df["spearman"].tolist() == pytest.approx([1.0, 1.0])
+    assert df["pruned_overlap"].tolist() == [1.0, 1.0]
+
+
+def test_importance_stability_bad_input(tiny_classifiers: dict[str, TinyClassifier]) -> None:
+    clf = tiny_classifiers[BACKENDS[0]]
+    with pytest.raises(InputError, match="random"):
+        importance_stability(clf, TEXTS, LABELS, ["random"])
+    with pytest.raises(InputError, match="methods"):
+        importance_stability(clf, TEXTS, LABELS, ["gradient"])
+    with pytest.raises(InputError, match="at least 2"):
+        importance_stability(clf, TEXTS[:1], LABELS[:1])
+    with pytest.raises(InputError, match="prune_fraction"):
+        importance_stability(clf, TEXTS, LABELS, prune_fraction=1.5)
+
+
+def test_layer_normalised_rows_have_unit_norm() -> None:
+    x = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
+    torch.testing.assert_close(layer_normalised(x), torch.tensor([[0.6, 0.8], [0.0, 0.0]]))
+
+
+def test_random_pruning_draws_and_shared_cache(tiny_classifiers: dict[str, TinyClassifier]) -> None:
+    clf = tiny_classifiers[BACKENDS[0]]
+    cache: dict[bytes, float] = {}
+    df = random_pruning(clf, TEXTS, LABELS, (0.0, 0.5, 1.0), n_draws=3, seed=4, cache=cache)
+    assert len(df) == 9 and sorted(df["draw"].unique()) == [0, 1, 2] and set(df["method"]) == {"random"}
+    for draw in range(3):  # each draw is the sweep of random_importance(seed + draw)
+        one = pruning_sweep(clf, TEXTS, LABELS, random_importance(clf, seed=4 + draw), (0.0, 0.5, 1.0))
+        assert df[df.draw == draw]["accuracy"].tolist() == one["accuracy"].tolist()
+    assert len(cache) <= 1 + 3 + 1  # 0 % and 100 % are evaluated once for all draws
+    with pytest.raises(InputError, match="n_draws"):
+        random_pruning(clf, TEXTS, LABELS, n_draws=0)
 
 
 # ------------------------------------------------------------------------------------------------ real model

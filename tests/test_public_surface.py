@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 _MODEL = ["--model", "--backend", "--device"]
 _ATTRIBUTION = [*_MODEL, "--estimator", "--sources", "--top", "--per-sentence", "--max-new-tokens", "--html", "--json",
                 "--save"]
-_CLASSIFIER = [*_MODEL, "--head", "--threads"]
+_CLASSIFIER = [*_MODEL, "--classifier", "--head", "--threads"]
 SUBCOMMANDS: dict[str, list[str]] = {
     "demo": [*_ATTRIBUTION, "--context", "--context-text", "--question"],
     "attribute": [*_ATTRIBUTION, "--context", "--context-text", "--query", "--response", "--target"],
@@ -36,7 +36,8 @@ SUBCOMMANDS: dict[str, list[str]] = {
                  "--adversarial-steps", "--adversarial-layers", "--tolerance", "--seed", "--batch-size",
                  "--max-new-tokens", "--out", "--summary", "--quiet"],
     "heads": [*_CLASSIFIER, "--data-dir", "--n-importance", "--n-eval", "--methods", "--n-fractions", "--n-steps",
-              "--target", "--batch-size", "--seed", "--csv", "--plot", "--importance-json"],
+              "--target", "--batch-size", "--seed", "--csv", "--plot", "--importance-json", "--random-draws",
+              "--stability-csv", "--no-progress"],
     "tree": [*_CLASSIFIER, "--text", "--threshold", "--n-steps", "--roots", "--out", "--save"],
 }
 # ``at2-lens heads --study decoder`` (at2_lens/cli/heads_decoder.py) adds its own options to ``heads``.

@@ -11,6 +11,7 @@ from at2_lens.attattr.triggers import (
     content_span,
     insert_pattern,
     mine_trigger_patterns,
+    pattern_overlap,
     trigger_attack,
 )
 from at2_lens.errors import InputError
@@ -23,6 +24,21 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _pattern(key_rel: float, query_rel: float, key_id: int = 901, query_id: int = 902) -> TriggerPattern:
     return TriggerPattern(key_id=key_id, query_id=query_id, key_token="k", query_token="q", source_class=1,
                           count=3, key_rel=key_rel, query_rel=query_rel)
+
+
+def test_pattern_overlap_counts_shared_patterns_per_class() -> None:
+    a = [_pattern(0, 1, 1, 2), _pattern(0, 1, 3, 4), _pattern(0, 1, 5, 6)]
+    b = [_pattern(0, 1, 3, 4), _pattern(0, 1, 7, 8), _pattern(0, 1, 1, 2)]
+    assert pattern_overlap(a, b) == pytest.approx(2 / 3)
+    assert pattern_overlap(a, b, top=1) == 0.0  # (1, 2) is A's first but B's third
+    assert pattern_overlap(a, b, top=3) == pytest.approx(2 / 3)
+    other_class = [TriggerPattern(key_id=1, query_id=2, key_token="k", query_token="q", source_class=0, count=1,
+                                  key_rel=0, query_rel=1)]
+    assert pattern_overlap(other_class, a) == 0.0  # same tokens, other class: not the same pattern
+    with pytest.raises(InputError, match="at least one"):
+        pattern_overlap([], a)
+    with pytest.raises(InputError, match="TriggerPattern"):
+        pattern_overlap(["x"], a)  # type: ignore[list-item]
 
 
 # ---------------------------------------------------------------------------------------------------- insertion

@@ -25,8 +25,8 @@ head on the pooled final hidden state; ``at2_lens.attattr.readouts.classifier_ou
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
 from jaxtyping import Bool, Float
@@ -49,9 +49,19 @@ if TYPE_CHECKING:
 ImportanceMethod = Literal["attattr", "attention", "taylor", "random"]
 IMPORTANCE_METHODS: tuple[ImportanceMethod, ...] = ("attattr", "attention", "taylor", "random")
 DEFAULT_FRACTIONS: tuple[float, ...] = tuple(i / 10 for i in range(11))
+T = TypeVar("T")
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
+def _bar(items: Iterable[T], progress: bool, desc: str) -> Iterable[T]:
+    """``items`` wrapped in a tqdm progress bar when ``progress`` (stderr), else unchanged."""
+    if not progress:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(list(items), desc=desc, leave=False)
+
+
 def _real_pairs(mask: Tensor | None, n_pos: int, n_rows: int, device: torch.device) -> Tensor:
     """``[batch, query, key]`` True where both positions are real tokens."""
     real = (torch.ones(n_rows, n_pos, dtype=torch.bool) if mask is None else mask.bool()).to(device)
@@ -69,8 +79,12 @@ def attattr_importance(
     batch_size: int = 8,
     internal_batch_size: int | None = None,
     output_func: OutputFunc | None = None,
+    progress: bool = False,
 ) -> Float[Tensor, "layer head"]:
-    """``Σ_x max_{i,j} Attr_{l,h}(x)[i, j]`` over ``texts`` (padding excluded); F = probability of the target class."""
+    """``Σ_x max_{i,j} Attr_{l,h}(x)[i, j]`` over ``texts`` (padding excluded); F = probability of the target class.
+
+    ``progress`` shows a tqdm bar over the batches.
+    """
     check_choice("target", target, ("predicted", "gold"))
     texts, gold = check_texts_labels(texts, labels, need_labels=target == "gold")
     batch_size = check_int("batch_size", batch_size)
@@ -78,7 +92,7 @@ def attattr_importance(
     func = output_func if output_func is not None else classifier_output_func(classifier)
     attributor = SelfAttentionAttribution(backend, func)
     total = torch.zeros(backend.n_layers, backend.n_heads, dtype=torch.float64)
-    for idx in length_batches(texts, batch_size):
+    for idx in _bar(length_batches(texts, batch_size), progress, "AttAttr importance"):
         tokens, mask = classifier.tokenize([texts[i] for i in idx])
         tgt = None if gold is None or target == "predicted" else torch.tensor([gold[i] for i in idx])
         result = attributor.attribute(
@@ -91,14 +105,19 @@ def attattr_importance(
 
 
 def attention_importance(
-    classifier: Any, texts: Sequence[str], labels: Sequence[int] | None = None, *, batch_size: int = 32
+    classifier: Any,
+    texts: Sequence[str],
+    labels: Sequence[int] | None = None,
+    *,
+    batch_size: int = 32,
+    progress: bool = False,
 ) -> Float[Tensor, "layer head"]:
     """``Σ_x max_{i,j} A_{l,h}(x)[i, j]``: the attention-score baseline (real query/key pairs only)."""
     texts, _ = check_texts_labels(texts, labels, need_labels=False)
     batch_size = check_int("batch_size", batch_size)
     backend = classifier_backend(classifier)
     total = torch.zeros(backend.n_layers, backend.n_heads, dtype=torch.float64)
-    for idx in length_batches(texts, batch_size):
+    for idx in _bar(length_batches(texts, batch_size), progress, "attention importance"):
         tokens, mask = classifier.tokenize([texts[i] for i in idx])
         maxima: dict[int, Tensor] = {}
 
@@ -120,7 +139,13 @@ def attention_importance(
 
 
 def taylor_importance(
-    classifier: Any, texts: Sequence[str], labels: Sequence[int], *, batch_size: int = 32, normalise: bool = True
+    classifier: Any,
+    texts: Sequence[str],
+    labels: Sequence[int],
+    *,
+    batch_size: int = 32,
+    normalise: bool = True,
+    progress: bool = False,
 ) -> Float[Tensor, "layer head"]:
     """``Σ_x |⟨∂L/∂z_{l,h}, z_{l,h}⟩|`` with ``z`` = ``hook_z`` of the head and L the gold-label cross-entropy.
 
@@ -131,7 +156,7 @@ def taylor_importance(
     batch_size = check_int("batch_size", batch_size)
     backend = classifier_backend(classifier)
     total = torch.zeros(backend.n_layers, backend.n_heads, dtype=torch.float64)
-    for idx in length_batches(texts, batch_size):
+    for idx in _bar(length_batches(texts, batch_size), progress, "Taylor importance"):
         tokens, mask = classifier.tokenize([texts[i] for i in idx])
         zs: dict[int, Tensor] = {}
 
@@ -159,9 +184,12 @@ def taylor_importance(
                 continue
             per_example = (g * zs[layer]).detach().float().sum(dim=(1, 3)).abs()  # [batch, head]
             total[layer] += per_example.double().sum(dim=0).cpu()
-    if normalise:
-        total = total / total.norm(dim=1, keepdim=True).clamp_min(1e-20)
-    return total.float()
+    return (layer_normalised(total) if normalise else total).float()
+
+
+def layer_normalised(importance: Tensor) -> Tensor:
+    """Each layer's scores divided by their l2 norm (Michel et al., 2019), as ``taylor_importance`` returns them."""
+    return importance / importance.norm(dim=1, keepdim=True).clamp_min(1e-20)
 
 
 def random_importance(classifier: Any, *, seed: int = 0) -> Float[Tensor, "layer head"]:
@@ -253,11 +281,15 @@ def pruning_sweep(
     *,
     method: str = "custom",
     batch_size: int = 64,
+    progress: bool = False,
+    cache: dict[bytes, float] | None = None,
 ) -> pd.DataFrame:
     """Accuracy on ``texts`` after masking the least important ``fraction`` of all heads, for each fraction.
 
     ``n_pruned = round(fraction · n_layers · n_heads)``. Returns a DataFrame with columns ``fraction``,
-    ``n_pruned``, ``accuracy``, ``method``.
+    ``n_pruned``, ``accuracy``, ``method``. ``cache`` (a dict the caller keeps, for one classifier and one
+    ``texts``/``labels``) remembers the accuracy of each head mask, so sweeps that share a mask (0 % and 100 %
+    pruned always do) evaluate it once. ``progress`` shows a tqdm bar over the fractions.
     """
     import pandas as pd
 
@@ -273,17 +305,53 @@ def pruning_sweep(
     if not fracs:
         raise InputError("fractions: expected at least one fraction in [0, 1]")
     n_heads = backend.n_layers * backend.n_heads
-    batches = []
-    for idx in length_batches(texts, batch_size):
-        tokens, mask = classifier.tokenize([texts[i] for i in idx])
-        batches.append((tokens, mask, torch.tensor([gold[i] for i in idx])))
+    batches: list[tuple[Tensor, Tensor, Tensor]] = []
     rows = []
-    for f in fracs:
+    for f in _bar(fracs, progress, f"pruning ({method})"):
         n_pruned = round(f * n_heads)
-        hooks = head_mask_hooks(backend, pruning_mask(importance, n_pruned))
-        rows.append({"fraction": f, "n_pruned": n_pruned, "accuracy": _accuracy(classifier, batches, hooks),
-                     "method": method})
+        masked = pruning_mask(importance, n_pruned)
+        key = masked.numpy().tobytes()
+        if cache is not None and key in cache:
+            acc = cache[key]
+        else:
+            if not batches:
+                for idx in length_batches(texts, batch_size):
+                    tokens, mask = classifier.tokenize([texts[i] for i in idx])
+                    batches.append((tokens, mask, torch.tensor([gold[i] for i in idx])))
+            acc = _accuracy(classifier, batches, head_mask_hooks(backend, masked))
+            if cache is not None:
+                cache[key] = acc
+        rows.append({"fraction": f, "n_pruned": n_pruned, "accuracy": acc, "method": method})
     return pd.DataFrame(rows, columns=["fraction", "n_pruned", "accuracy", "method"])
+
+
+def random_pruning(
+    classifier: Any,
+    texts: Sequence[str],
+    labels: Sequence[int],
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    *,
+    n_draws: int = 5,
+    seed: int = 0,
+    batch_size: int = 64,
+    progress: bool = False,
+    cache: dict[bytes, float] | None = None,
+) -> pd.DataFrame:
+    """``pruning_sweep`` for ``n_draws`` random head orders (``random_importance`` with seeds ``seed``,
+    ``seed + 1``, ...); one row per draw and fraction, with a ``draw`` column (``method`` is ``"random"``).
+
+    Summarise with ``df.groupby("fraction")["accuracy"].agg(["mean", "std", "min", "max"])``.
+    """
+    import pandas as pd
+
+    n_draws = check_int("n_draws", n_draws, minimum=1)
+    frames = []
+    for draw in _bar(range(n_draws), progress, "random draws"):
+        imp = random_importance(classifier, seed=seed + draw)
+        df = pruning_sweep(classifier, texts, labels, imp, fractions, method="random", batch_size=batch_size,
+                           cache=cache)
+        frames.append(df.assign(draw=draw))
+    return pd.concat(frames, ignore_index=True)
 
 
 def compare_pruning(
@@ -319,8 +387,71 @@ def compare_pruning(
     return df
 
 
+def importance_stability(
+    classifier: Any,
+    texts: Sequence[str],
+    labels: Sequence[int],
+    methods: Sequence[str] = ("attattr", "attention", "taylor"),
+    *,
+    prune_fraction: float = 0.5,
+    method_kwargs: dict[str, dict[str, Any]] | None = None,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """How stable each importance ranking is: scores from two disjoint halves of ``texts``, compared.
+
+    The first ``len(texts) // 2`` examples form set A, the rest set B (shuffle before calling if the order is not
+    random). Per method, a row with ``method``, ``n_a``, ``n_b``, ``spearman`` (rank correlation of the two
+    ``[layer, head]`` scores, ``scipy.stats.spearmanr``) and ``pruned_overlap`` (the share of the
+    ``prune_fraction`` least important heads that both sets would prune). The importances are kept in
+    ``df.attrs["importance"][method]`` as ``{"a": ..., "b": ..., "all": ...}`` (nested lists), where ``"all"`` is the
+    importance of all ``texts`` (the sum of the two sets' sums; Taylor scores are layer-normalised after summing),
+    so a pruning sweep over every example needs no second pass.
+    """
+    import pandas as pd
+    from scipy.stats import spearmanr
+
+    texts, gold = check_texts_labels(texts, labels, need_labels=True)
+    assert gold is not None
+    if len(texts) < 2:
+        raise InputError(f"texts: expected at least 2 examples to split in two sets, got {len(texts)}")
+    prune_fraction = check_fraction("prune_fraction", prune_fraction, closed=True)
+    for method in methods:
+        check_choice("methods", method, IMPORTANCE_METHODS)
+        if method == "random":
+            raise InputError("methods: 'random' has no data to be stable over; leave it out")
+    extra = method_kwargs or {}
+    half = len(texts) // 2
+    sets = {"a": (texts[:half], gold[:half]), "b": (texts[half:], gold[half:])}
+    rows, scores = [], {}
+    for method in methods:
+        kwargs = {**extra.get(method, {}), "progress": progress}
+        if method == "taylor":
+            kwargs["normalise"] = False
+        raw = {k: head_importance(method, classifier, t, y, **kwargs).double() for k, (t, y) in sets.items()}
+        total = raw["a"] + raw["b"]
+        if method == "taylor":
+            raw = {k: layer_normalised(v) for k, v in raw.items()}
+            total = layer_normalised(total)
+        a, b = raw["a"].flatten().numpy(), raw["b"].flatten().numpy()
+        n_pruned = round(prune_fraction * a.size)
+        both = pruning_mask(raw["a"], n_pruned) & pruning_mask(raw["b"], n_pruned)
+        rows.append({
+            "method": method, "n_a": half, "n_b": len(texts) - half,
+            "spearman": float(spearmanr(a, b).statistic),
+            "pruned_overlap": float(both.sum()) / n_pruned if n_pruned else float("nan"),
+        })
+        scores[method] = {"a": raw["a"].float().tolist(), "b": raw["b"].float().tolist(),
+                          "all": total.float().tolist()}
+    df = pd.DataFrame(rows, columns=["method", "n_a", "n_b", "spearman", "pruned_overlap"])
+    df.attrs["importance"] = scores
+    return df
+
+
 def plot_pruning(df: pd.DataFrame, path: str | None = None, *, title: str | None = None) -> Figure:
     """Accuracy against the fraction of heads pruned, one line per method; saved to ``path`` if given.
+
+    A method with several rows per fraction (the draws of ``random_pruning``) is drawn as their mean with the
+    range of the draws shaded.
 
     Uses matplotlib's object-oriented API (no pyplot state), imported only when called (extra ``plot``).
     """
@@ -332,8 +463,12 @@ def plot_pruning(df: pd.DataFrame, path: str | None = None, *, title: str | None
     fig = Figure(figsize=(5, 3.5))
     ax = fig.subplots()
     for method, part in df.groupby("method", sort=False):
-        part = part.sort_values("fraction")
-        ax.plot(part["fraction"], part["accuracy"], marker="o", label=str(method))
+        stats = part.groupby("fraction")["accuracy"].agg(["mean", "min", "max", "count"]).sort_index()
+        if int(stats["count"].max()) > 1:  # several draws (random_pruning): the mean and the range of the draws
+            line = ax.plot(stats.index, stats["mean"], marker="o", label=f"{method} (mean of {stats['count'].max()})")
+            ax.fill_between(stats.index, stats["min"], stats["max"], color=line[0].get_color(), alpha=0.2)
+        else:
+            ax.plot(stats.index, stats["mean"], marker="o", label=str(method))
     ax.set_xlabel("fraction of heads pruned")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0.0, 1.0)
@@ -356,10 +491,13 @@ __all__ = [
     "compare_pruning",
     "head_importance",
     "head_mask_hooks",
+    "importance_stability",
+    "layer_normalised",
     "mask_heads",
     "plot_pruning",
     "pruning_mask",
     "pruning_sweep",
     "random_importance",
+    "random_pruning",
     "taylor_importance",
 ]

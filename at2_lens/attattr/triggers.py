@@ -209,6 +209,32 @@ def mine_trigger_patterns(
     return patterns
 
 
+def pattern_overlap(a: Sequence[TriggerPattern], b: Sequence[TriggerPattern], top: int | None = None) -> float:
+    """Share of the patterns mined on one example set that were also mined on another (same tokens, same class).
+
+    With ``top``, only the ``top`` most frequent patterns of each class of each list are compared (the lists of
+    ``mine_trigger_patterns`` are most frequent first). Returns ``|A ∩ B| / |A|`` (1.0: ``b`` found all of ``a``);
+    a stable mining gives a high overlap between two disjoint example sets.
+    """
+    def keys(ps: Sequence[TriggerPattern]) -> list[tuple[int, int, int]]:
+        if not all(isinstance(p, TriggerPattern) for p in ps):
+            raise InputError("patterns: every item must be a TriggerPattern")
+        seen: dict[int, int] = {}
+        out = []
+        for p in ps:
+            seen[p.source_class] = seen.get(p.source_class, 0) + 1
+            if top is None or seen[p.source_class] <= top:
+                out.append((p.key_id, p.query_id, p.source_class))
+        return out
+
+    if top is not None:
+        top = check_int("top", top)
+    ka, kb = keys(a), set(keys(b))
+    if not ka:
+        raise InputError("a: expected at least one TriggerPattern")
+    return sum(k in kb for k in ka) / len(ka)
+
+
 # ------------------------------------------------------------------------------------------------------- attack
 def _pad(seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     width = max(len(s) for s in seqs)
@@ -318,6 +344,7 @@ __all__ = [
     "content_span",
     "insert_pattern",
     "mine_trigger_patterns",
+    "pattern_overlap",
     "relative_position",
     "trigger_attack",
 ]

@@ -159,13 +159,18 @@ def check_output_path(value: str | None, name: str) -> None:
         raise InputError(f"{name}: cannot write {value!r}: {str(blocking)!r} is a file, not a folder")
 
 
-def add_classifier_args(p: argparse.ArgumentParser) -> None:
-    """Add the options that choose the encoder classifier (``--model``, ``--backend``, ``--head``, ``--threads``)."""
+def add_classifier_args(p: argparse.ArgumentParser, *, default_classifier: str = "probe") -> None:
+    """Add the options that choose the encoder classifier (``--model``, ``--backend``, ``--classifier``, ``--head``,
+    ``--threads``); ``default_classifier`` is ``--classifier``'s default."""
     add_model_args(p, default="minilm", hooked_class="HookedEncoder",
                    model_help="'minilm' (embedded all-MiniLM-L6-v2, offline) or a local BERT-type model directory")
+    p.add_argument("--classifier", default=default_classifier, choices=["finetuned", "probe"],
+                   help="with --model minilm and no --head: 'finetuned' (MiniLM fine-tuned on SST-2 with LoRA, "
+                        "load_minilm_sst2_finetuned) or 'probe' (the frozen MiniLM with a linear probe, "
+                        f"load_minilm_sst2) (default: {default_classifier})")
     p.add_argument("--head", default=None,
-                   help="classifier head file (.safetensors from write_head); default: the shipped SST-2 head "
-                        "for minilm (required for any other model)")
+                   help="classifier head file (.safetensors from write_head) on the frozen model; default: the "
+                        "shipped SST-2 probe or fine-tuned classifier for minilm (required for any other model)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
 
 
@@ -179,12 +184,19 @@ def check_classifier_args(args: argparse.Namespace, command: str) -> None:
     check_device(args.device)
 
 
-def load_classifier(model: str, head: str | None, backend: str, device: str = "auto") -> Any:
-    """The MiniLM SST-2 classifier, or ``SentimentClassifier(load_model(model), read_head(head))``."""
+def load_classifier(
+    model: str, head: str | None, backend: str, device: str = "auto", *, finetuned: bool = False
+) -> Any:
+    """The MiniLM SST-2 classifier (``finetuned``: the fine-tuned one, unless a ``head`` file is given), or
+    ``SentimentClassifier(load_model(model), read_head(head))``."""
     from at2_lens.models.classifier import SentimentClassifier, load_minilm_sst2, read_head
 
     where = resolve_device(device)
     if model.strip().lower() == "minilm":
+        if finetuned and head is None:
+            from at2_lens.models.finetuned import load_minilm_sst2_finetuned
+
+            return load_minilm_sst2_finetuned(backend, device=where)
         return load_minilm_sst2(backend, head_path=head, device=where)
     if head is None:
         raise InputError("--head: a model other than 'minilm' needs a classifier head file (.safetensors)")

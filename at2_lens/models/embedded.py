@@ -21,7 +21,7 @@ import logging
 import os
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -162,7 +162,11 @@ def load_smollm2(
 
 
 def load_minilm(
-    backend: BackendChoice = "auto", device: str | torch.device = "cpu", dtype: DtypeLike = torch.float32
+    backend: BackendChoice = "auto",
+    device: str | torch.device = "cpu",
+    dtype: DtypeLike = torch.float32,
+    *,
+    edit_hf: Callable[[Any], None] | None = None,
 ) -> Any:
     """all-MiniLM-L6-v2 as a TransformerLens encoder (eval mode, ``model.tokenizer`` set; ``dtype`` default
     float32).
@@ -176,6 +180,9 @@ def load_minilm(
     keys (masked-LM; next-sentence too for TL 3.9's ``BertForPreTraining``) as missing and the unused ``pooler.*``
     keys as unexpected. A sentence-embedding checkpoint has exactly that shape; any other
     missing or unexpected key is still reported (see :func:`_quiet_minilm_load_report`).
+
+    ``edit_hf`` is called with the Hugging Face model before conversion (``load_hf``); the fine-tuned classifier
+    merges its adapter there.
     """
     resolve_backend(backend)
     dtype = resolve_dtype(dtype)
@@ -183,7 +190,7 @@ def load_minilm(
     with _quiet_minilm_load_report():
         return load_hf(
             os.fspath(directory), backend=backend, device=device, dtype=dtype, model_name=MINILM_NAME,
-            local_files_only=True,
+            local_files_only=True, edit_hf=edit_hf,
         )
 
 

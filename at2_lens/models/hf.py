@@ -22,7 +22,7 @@ import os
 import re
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -330,6 +330,7 @@ def load_hf(
     device: str | torch.device = "cpu",
     dtype: DtypeLike = torch.float32,
     model_name: str | None = None,
+    edit_hf: Callable[[Any], None] | None = None,
     **hf_kwargs: Any,
 ) -> Any:
     """Load a Hugging Face model id or local model directory as a TransformerLens model, in eval mode.
@@ -344,6 +345,8 @@ def load_hf(
             ``"float16"``, ``"float64"``). The attribution methods run in the model's dtype and do their own
             reductions in float32.
         model_name: the name recorded in ``cfg.model_name`` (default: the hub id or the directory's name).
+        edit_hf: called with the loaded Hugging Face model before TransformerLens converts it (e.g. to merge a
+            fine-tuned adapter into its weights, ``at2_lens.models.finetuned``); both model classes see the edit.
         **hf_kwargs: passed to ``from_pretrained`` (e.g. ``revision``, ``token``, ``cache_dir``,
             ``local_files_only``, ``gguf_file``, ``use_safetensors=False`` for ``.bin``-only checkpoints).
             ``trust_remote_code`` is refused: remote code is never run.
@@ -364,6 +367,8 @@ def load_hf(
         if is_local:
             raise
         raise ModelLoadError(f"{exc} (no local directory {Path(source).absolute()} exists either)") from exc
+    if edit_hf is not None:
+        edit_hf(hf_model)
     if which == "bridge":
         return bridge_from_hf(hf_model, tokenizer, label=label, device=device, dtype=dtype)
     return hooked_from_hf(
