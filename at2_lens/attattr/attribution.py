@@ -323,8 +323,11 @@ class SelfAttentionAttribution(Attribution):
             attention_mask: ``[batch, pos]``, 1 for real tokens, 0 for padding.
             return_convergence_delta: also compute, per layer, ``Σ attributions − (F(A) − F(A_l = 0))`` (one extra
                 forward per layer). Always computed with ``n_steps="auto"``.
-            rtol, atol: ``n_steps="auto"`` only: the completeness tolerance per layer (defaults ``1e-3`` and
-                ``1e-5`` in F's units; atol keeps layers with ``F(A) ≈ F(A_l = 0)`` from chasing float noise).
+            rtol: ``n_steps="auto"`` only: the relative completeness tolerance per layer (default ``1e-3``): a
+                layer is done when ``|sum of attributions - (F(A) - F(A_l = 0))| <= rtol * |F(A) - F(A_l = 0)| +
+                atol``.
+            atol: ``n_steps="auto"`` only: the absolute part of that tolerance, in F's units (default ``1e-5``); it
+                keeps layers with ``F(A) ≈ F(A_l = 0)`` from chasing float noise.
             max_steps: ``n_steps="auto"`` only: at most this many gradient evaluations per layer (default 257). A
                 layer that has not met the tolerance by then keeps its best rule's attributions, is marked in
                 ``result.converged`` and raises a ``UserWarning``.
