@@ -146,11 +146,14 @@ class ClassifierHead:
         return int(self.weight.shape[1])
 
 
-def _check_head(weight: Any, bias: Any, meta: dict[str, Any], where: str) -> None:
+def check_linear_head(weight: Any, bias: Any, meta: dict[str, Any], where: str, *, prefix: str = "") -> None:
+    """The checks every stored linear classifier head passes (the frozen probe's file and the fine-tuned adapter's
+    ``head.*``): a 2-D float weight, a float bias with one entry per class, finite values, one label per class and
+    a known pooling; ``prefix`` names the tensors as the file does. Raises ``ModelLoadError`` naming ``where``."""
     if not isinstance(weight, Tensor) or weight.dim() != 2 or not weight.is_floating_point():
-        raise ModelLoadError(f"{where}: 'weight' must be a 2-D float tensor [n_classes, d_model]")
+        raise ModelLoadError(f"{where}: '{prefix}weight' must be a 2-D float tensor [n_classes, d_model]")
     if not isinstance(bias, Tensor) or bias.shape != (weight.shape[0],) or not bias.is_floating_point():
-        raise ModelLoadError(f"{where}: 'bias' must be a float tensor of shape [{weight.shape[0]}]")
+        raise ModelLoadError(f"{where}: '{prefix}bias' must be a float tensor of shape [{weight.shape[0]}]")
     if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
         raise ModelLoadError(f"{where}: the head holds non-finite values")
     labels = meta.get("labels")
@@ -158,6 +161,10 @@ def _check_head(weight: Any, bias: Any, meta: dict[str, Any], where: str) -> Non
         raise ModelLoadError(f"{where}: metadata 'labels' must list {weight.shape[0]} class names, got {labels!r}")
     if meta.get("pooling") not in POOLINGS:
         raise ModelLoadError(f"{where}: metadata 'pooling' must be one of {POOLINGS}, got {meta.get('pooling')!r}")
+
+
+def _check_head(weight: Any, bias: Any, meta: dict[str, Any], where: str) -> None:
+    check_linear_head(weight, bias, meta, where)
     if meta.get("format") != HEAD_FORMAT:
         raise ModelLoadError(f"{where}: head format {meta.get('format')!r} is not the supported {HEAD_FORMAT}")
 

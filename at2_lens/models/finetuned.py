@@ -28,7 +28,12 @@ from torch import Tensor, nn
 
 from at2_lens.errors import InputError, ModelLoadError
 from at2_lens.files import SafetensorsParseError, atomic_write_bytes, parse_safetensors, read_bytes, safetensors_bytes
-from at2_lens.models.classifier import CLASSIFIER_HEADS_DIR, POOLINGS, ClassifierHead, SentimentClassifier
+from at2_lens.models.classifier import (
+    CLASSIFIER_HEADS_DIR,
+    ClassifierHead,
+    SentimentClassifier,
+    check_linear_head,
+)
 
 ADAPTER_META_KEY = "at2_lens.finetuned_classifier"
 """The safetensors metadata entry holding the adapter's JSON metadata."""
@@ -150,17 +155,9 @@ def hf_encoder(hf_model: nn.Module) -> nn.Module:
 
 # ---------------------------------------------------------------------------------------------------- file I/O
 def _check_adapter(head_w: Any, head_b: Any, meta: dict[str, Any], where: str) -> None:
-    if not isinstance(head_w, Tensor) or head_w.dim() != 2 or not head_w.is_floating_point():
-        raise ModelLoadError(f"{where}: 'head.weight' must be a 2-D float tensor [n_classes, d_model]")
-    if not isinstance(head_b, Tensor) or head_b.shape != (head_w.shape[0],):
-        raise ModelLoadError(f"{where}: 'head.bias' must be a float tensor of shape [{head_w.shape[0]}]")
+    check_linear_head(head_w, head_b, meta, where, prefix="head.")
     if meta.get("format") != ADAPTER_FORMAT:
         raise ModelLoadError(f"{where}: adapter format {meta.get('format')!r} is not the supported {ADAPTER_FORMAT}")
-    labels = meta.get("labels")
-    if not (isinstance(labels, list) and len(labels) == head_w.shape[0] and all(isinstance(x, str) for x in labels)):
-        raise ModelLoadError(f"{where}: metadata 'labels' must list {head_w.shape[0]} class names, got {labels!r}")
-    if meta.get("pooling") not in POOLINGS:
-        raise ModelLoadError(f"{where}: metadata 'pooling' must be one of {POOLINGS}, got {meta.get('pooling')!r}")
 
 
 def write_adapter(path: str | os.PathLike[str], adapter: ClassifierAdapter) -> Path:
