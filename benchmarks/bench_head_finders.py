@@ -57,6 +57,7 @@ from at2_lens.heads import (  # noqa: E402
 from at2_lens.models import load_model  # noqa: E402
 from at2_lens.tasks import ContextTask, TokenizedTask, prepare_task  # noqa: E402
 from at2_lens.tasks.needle import needle_success_rate, needle_tasks  # noqa: E402
+from at2_lens.tasks.spans import source_holding  # noqa: E402
 
 RANKINGS = ("retrieval", "query_focus", "attattr", "at2")
 
@@ -102,13 +103,7 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
 
 def gold_source(task: TokenizedTask, answers: list[str]) -> int | None:
     """The source holding the first gold answer found in the context."""
-    for a in answers:
-        at = task.context.find(a)
-        if at >= 0:
-            for i, (s, e) in enumerate(task.source_spans):
-                if s <= at < e:
-                    return i
-    return None
+    return source_holding(task.context, task.source_spans, answers)
 
 
 def write_state(out: Path, rows: pd.DataFrame, state: dict[str, Any]) -> None:

@@ -329,3 +329,14 @@ def test_ordinary_words_that_look_like_abbreviations_end_sentences() -> None:
     text = "The cat sat. The dog ran. He said no. It was on Sat. Jan. 5 at noon."
     got = [text[a:b] for a, b in split_sentences(text)]
     assert got == ["The cat sat.", "The dog ran.", "He said no.", "It was on Sat. Jan. 5 at noon."]
+
+
+def test_source_holding_finds_the_span_of_the_first_answer_that_occurs() -> None:
+    from at2_lens.tasks.spans import source_holding
+
+    context = "Paris is in France. Rome is in Italy. Rome again."
+    spans = [(0, 19), (20, 37), (38, 49)]
+    assert source_holding(context, spans, ["Italy"]) == 1
+    assert source_holding(context, spans, ["Spain", "Rome"]) == 1  # first occurrence of the first answer found
+    assert source_holding(context, spans, ["Spain"]) is None
+    assert source_holding(context, [(0, 19), (25, 37)], ["Rome"]) is None  # its start lies between spans

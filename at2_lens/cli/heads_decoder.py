@@ -88,14 +88,6 @@ def check_decoder_args(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     return finders, hows
 
 
-def _gold(task: Any, answers: list[str]) -> int | None:
-    for a in answers:
-        at = task.context.find(a)
-        if at >= 0:
-            return next((i for i, (s, e) in enumerate(task.source_spans) if s <= at < e), None)
-    return None
-
-
 def cmd_heads_decoder(args: argparse.Namespace) -> int:
     """Run the decoder head study configured by ``args``; prints the markdown summary."""
     finders, hows = check_decoder_args(args)
@@ -120,6 +112,7 @@ def cmd_heads_decoder(args: argparse.Namespace) -> int:
     from at2_lens.models import load_model
     from at2_lens.tasks import ContextTask, prepare_task
     from at2_lens.tasks.needle import needle_tasks
+    from at2_lens.tasks.spans import source_holding
 
     set_threads(args.threads)
     model = load_model(args.model, backend=args.backend, device=resolve_device(args.device))
@@ -135,8 +128,9 @@ def cmd_heads_decoder(args: argparse.Namespace) -> int:
         if name == "retrieval":
             rankings[name] = retrieval_scores(model, needle_train[: args.n_needle_train])
         elif name == "query_focus":
-            gold = [_gold(t.tokenize(backend.tokenizer), r["answers"]) for t, r in zip(squad_train, squad_train_rec,
-                                                                                        strict=True)]
+            tokenized = [t.tokenize(backend.tokenizer) for t in squad_train]
+            gold = [source_holding(t.context, t.source_spans, r["answers"])
+                    for t, r in zip(tokenized, squad_train_rec, strict=True)]
             relevant: list[Any] = [[g] if g is not None else None for g in gold] + [None] * args.n_needle_train
             rankings[name] = query_focus_scores(model, [*squad_train, *needle_train[: args.n_needle_train]],
                                                 relevant=relevant)

@@ -34,6 +34,16 @@ def cut_spans(text: str, spans: Sequence[Span], keep: Sequence[bool]) -> str:
     return "".join(pieces)
 
 
+def source_holding(context: str, spans: Sequence[Span], answers: Sequence[str]) -> int | None:
+    """Index of the span holding the first occurrence in ``context`` of the first answer (in order) that occurs at
+    all, by its first character; None when no answer occurs or its start lies between spans."""
+    for answer in answers:
+        at = context.find(answer)
+        if at >= 0:
+            return next((i for i, (start, end) in enumerate(spans) if start <= at < end), None)
+    return None
+
+
 def encode_with_offsets(tokenizer: Any, text: str, *, add_special_tokens: bool) -> tuple[list[int], list[Span]]:
     """Token ids and character offsets of ``text`` (needs a Hugging Face *fast* tokenizer)."""
     try:
