@@ -6,9 +6,12 @@ import pytest
 import torch
 
 from at2_lens.attattr.triggers import (
+    ExamplePairs,
     TriggerPattern,
     attacked_sequences,
+    attributed_pairs,
     content_span,
+    count_patterns,
     insert_pattern,
     mine_trigger_patterns,
     pattern_overlap,
@@ -39,6 +42,60 @@ def test_pattern_overlap_counts_shared_patterns_per_class() -> None:
         pattern_overlap([], a)
     with pytest.raises(InputError, match="TriggerPattern"):
         pattern_overlap(["x"], a)  # type: ignore[list-item]
+
+
+# ---------------------------------------------------------------------------------------------------- counting
+class _Ids:
+    """A tokenizer stand-in: id -> "t<id>"."""
+
+    @staticmethod
+    def convert_ids_to_tokens(i: int) -> str:
+        return f"t{i}"
+
+
+@pytest.mark.line_independent
+def test_count_patterns_counts_the_first_top_k_pairs_per_class() -> None:
+    ex = [
+        ExamplePairs(label=1, pairs=((1, 2, 0.0, 1.0, 1.0), (3, 4, 0.5, 0.5, 0.9))),
+        ExamplePairs(label=1, pairs=((3, 4, 0.25, 0.75, 1.0), (1, 2, 0.0, 0.5, 0.2))),
+        ExamplePairs(label=1, pairs=((5, 6, 0.0, 1.0, 1.0),)),
+        ExamplePairs(label=0, pairs=((1, 2, 1.0, 0.0, 1.0),)),
+        ExamplePairs(label=0, pairs=()),
+    ]
+    top1 = count_patterns(ex, _Ids(), top_k=1, n_patterns=5)
+    assert [(p.source_class, p.name, p.count) for p in top1] == [
+        (0, "t1 → t2", 1), (1, "t1 → t2", 1), (1, "t3 → t4", 1), (1, "t5 → t6", 1)]
+    top2 = count_patterns(ex, _Ids(), top_k=2, n_patterns=5)
+    ones = [p for p in top2 if p.source_class == 1]
+    # (3,4): count 2, mean score 0.95 -> first; (1,2): count 2, mean score 0.6; (5,6): count 1.
+    assert [(p.name, p.count) for p in ones] == [("t3 → t4", 2), ("t1 → t2", 2), ("t5 → t6", 1)]
+    assert ones[0].key_rel == pytest.approx(0.375) and ones[0].query_rel == pytest.approx(0.625)
+    assert ones[0].score == pytest.approx(0.95) and ones[1].score == pytest.approx(0.6)
+    # By summed score: (3,4) 1.9, (1,2) 1.2, (5,6) 1.0.
+    by_score = [p.name for p in count_patterns(ex, _Ids(), top_k=2, n_patterns=5, rank_by="score")
+                if p.source_class == 1]
+    assert by_score == ["t3 → t4", "t1 → t2", "t5 → t6"]
+    weak = [ExamplePairs(label=1, pairs=((7, 8, 0, 1, 0.1),)), ExamplePairs(label=1, pairs=((7, 8, 0, 1, 0.1),)),
+            ExamplePairs(label=1, pairs=((9, 9, 0, 1, 1.0),))]
+    assert [p.name for p in count_patterns(weak, _Ids())] == ["t7 → t8", "t9 → t9"]  # frequent first
+    assert [p.name for p in count_patterns(weak, _Ids(), rank_by="score")] == ["t9 → t9", "t7 → t8"]  # 1.0 > 0.2
+    assert len(count_patterns(ex, _Ids(), top_k=2, n_patterns=1)) == 2  # one per class
+    with pytest.raises(InputError, match="rank_by"):
+        count_patterns(ex, _Ids(), rank_by="mean")  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="examples"):
+        count_patterns([{"label": 1, "pairs": []}], _Ids())  # type: ignore[list-item]
+
+
+@pytest.mark.line_independent
+def test_example_pairs_round_trip_through_json() -> None:
+    import json
+
+    ex = ExamplePairs(label=1, pairs=((1, 2, 0.0, 1.0, 1.0), (3, 4, 0.5, 0.25, 0.5)))
+    assert ExamplePairs.from_dict(json.loads(json.dumps(ex.to_dict()))) == ex
+    with pytest.raises(InputError, match="example pairs"):
+        ExamplePairs.from_dict({"label": 1, "pairs": [[1, 2, 0.0]]})
+    with pytest.raises(InputError, match="example pairs"):
+        ExamplePairs.from_dict({"pairs": []})
 
 
 # ---------------------------------------------------------------------------------------------------- insertion
@@ -92,6 +149,13 @@ def test_mining_on_the_tiny_bert(tiny_clf: TinyClassifier) -> None:
         texts = [t for t, y in zip(TEXTS, LABELS, strict=True) if y == p.source_class]
         ids = set(tiny_clf.tokenize(texts)[0].reshape(-1).tolist())
         assert p.key_id in ids and p.query_id in ids
+    # Mining is attributed_pairs then count_patterns: the stored pairs give the same patterns.
+    pairs = attributed_pairs(tiny_clf, TEXTS, LABELS, top_k=5, n_steps=4, batch_size=2)
+    assert len(pairs) == len(TEXTS) and [e.label for e in pairs] == LABELS
+    for e in pairs:
+        assert len(e.pairs) <= 5 and (not e.pairs or e.pairs[0][4] == pytest.approx(1.0))
+        assert [s for *_, s in e.pairs] == sorted((s for *_, s in e.pairs), reverse=True)
+    assert count_patterns(pairs, tiny_clf.backend.tokenizer, top_k=2, n_patterns=2) == patterns
     # One layer only works too and is deterministic.
     a = mine_trigger_patterns(tiny_clf, TEXTS, LABELS, layers=1, n_steps=4)
     assert a == mine_trigger_patterns(tiny_clf, TEXTS, LABELS, layers=[1], n_steps=4)

@@ -2,11 +2,12 @@
 
 The interactions AttAttr finds most important on training examples are reused as a non-targeted attack:
 
-1. ``mine_trigger_patterns``: for every training example, attribute the classifier's output to the attention of
-   the chosen layers, take the max over heads (and layers) for every (query, key) pair of content tokens, and keep
-   the ``top_k`` pairs. A pattern is the token pair ``key → query`` with the example's gold class; patterns are
-   counted per class and the most frequent are returned, with the mean relative positions (0 = first content
-   token, 1 = last) at which their two tokens occurred;
+1. ``mine_trigger_patterns``: ``attributed_pairs`` attributes the classifier's output to the attention of the
+   chosen layers for every training example, takes the max over heads (and layers) for every (query, key) pair of
+   content tokens and keeps each example's best pairs (the expensive step; ``ExamplePairs`` stores as JSON);
+   ``count_patterns`` then counts, per class, the token pairs ``key → query`` among each example's first ``top_k``
+   and returns the most frequent (or highest-scoring), with the mean relative positions (0 = first content token,
+   1 = last) at which their two tokens occurred;
 2. ``insert_pattern``: put the pattern's two tokens into another example's content tokens at the same relative
    positions (token ids are inserted directly, so no re-tokenisation can split or merge them; special tokens such
    as ``[CLS]``/``[SEP]`` stay where they are);
@@ -119,50 +120,68 @@ def insert_pattern(content: Sequence[int], pattern: TriggerPattern) -> tuple[lis
 
 
 # ------------------------------------------------------------------------------------------------------- mining
-def mine_trigger_patterns(
+RankBy = Literal["count", "score"]
+
+
+@dataclass(frozen=True)
+class ExamplePairs:
+    """One training example's best ``key → query`` pairs: the expensive part of mining, kept so that counting rules
+    can be compared (or re-run) without attributing again. Plain data: ``to_dict`` / ``from_dict`` give JSON.
+
+    Attributes:
+        label: the example's gold class.
+        pairs: up to ``top_k`` pairs, best first, each ``(key_id, query_id, key_rel, query_rel, score)`` with the
+            score divided by the example's best pair score (so the first is 1.0).
+    """
+
+    label: int
+    pairs: tuple[tuple[int, int, float, float, float], ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "pairs": [list(p) for p in self.pairs]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExamplePairs:
+        """Rebuild from ``to_dict`` output, checking every field (a hand-edited file fails here, clearly)."""
+        try:
+            label = int(data["label"])
+            pairs = tuple((int(k), int(q), float(kr), float(qr), float(sc)) for k, q, kr, qr, sc in data["pairs"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"example pairs: expected {{'label': int, 'pairs': [[key_id, query_id, key_rel, "
+                             f"query_rel, score], ...]}}, got {str(data)[:80]!r} ({exc})") from exc
+        return cls(label=label, pairs=pairs)
+
+
+def attributed_pairs(
     classifier: Any,
     texts: Sequence[str],
     labels: Sequence[int],
     *,
     layers: int | Sequence[int] | None = None,
-    top_k: int = 1,
-    n_patterns: int = 3,
+    top_k: int = 10,
     target: Literal["predicted", "gold"] = "predicted",
     n_steps: int = 8,
     batch_size: int = 8,
     output_func: OutputFunc | None = None,
-) -> list[TriggerPattern]:
-    """The most frequent top-attributed ``key → query`` token pairs of each class of ``texts``.
+) -> list[ExamplePairs]:
+    """Each example's ``top_k`` best ``key → query`` pairs of content tokens by attention attribution.
 
-    Args:
-        classifier: an encoder classifier (see the module docstring).
-        texts, labels: training examples and their gold classes.
-        layers: the layers whose attributions are searched (default: all); a pair's score is its max over these
-            layers' heads.
-        top_k: pairs kept per example (pairs of two content tokens at different positions, positive score).
-        n_patterns: patterns returned per class, most frequent first (ties: higher mean score first).
-        target: AttAttr's F is the probability of the ``"predicted"`` or of the ``"gold"`` class.
-        n_steps, batch_size: integration steps and examples per attribution call.
-        output_func: F inside the attributed pass (default: from the classifier, see ``classifier_output_func``).
-
-    Returns:
-        ``TriggerPattern`` objects, class by class (ascending class index), most frequent first.
+    A pair's score is its AttAttr attribution, max over the heads of ``layers``; pairs of one token with itself,
+    special tokens and non-positive scores are left out. One ``ExamplePairs`` per text, in order (an example with
+    fewer than two content tokens or no positive pair has no pairs).
     """
     texts, gold = check_texts_labels(texts, labels, need_labels=True)
     assert gold is not None
     top_k = check_int("top_k", top_k)
-    n_patterns = check_int("n_patterns", n_patterns)
     batch_size = check_int("batch_size", batch_size)
     check_choice("target", target, ("predicted", "gold"))
     backend = classifier_backend(classifier)
     layer_list = backend.check_layers(as_layer_list(layers))
     func = output_func if output_func is not None else classifier_output_func(classifier)
     attributor = SelfAttentionAttribution(backend, func)
-    tokenizer = backend.tokenizer
-    special = _special_ids(tokenizer)
+    special = _special_ids(backend.tokenizer)
 
-    # (key_id, query_id, class) -> [count, sum key_rel, sum query_rel, sum score]
-    stats: dict[tuple[int, int, int], list[float]] = {}
+    out: list[ExamplePairs | None] = [None] * len(texts)
     for idx in length_batches(texts, batch_size):
         tokens, mask = classifier.tokenize([texts[i] for i in idx])
         tgt = torch.tensor([gold[i] for i in idx]) if target == "gold" else None
@@ -170,35 +189,72 @@ def mine_trigger_patterns(
         attr = res.attributions if res.batched else res.attributions[None]  # [batch, layer, head, q, k]
         pair_scores = attr.detach().float().amax(dim=(1, 2)).cpu()  # [batch, q, k]
         for row, i in enumerate(idx):
-            real = mask[row].bool().nonzero().reshape(-1)
-            ids = tokens[row][real].tolist()
-            first, end = content_span(ids, special)
-            n = end - first
-            if n < 2:
-                continue
-            pos = real[first:end]
-            s = pair_scores[row][pos][:, pos].clone()
-            s.fill_diagonal_(float("-inf"))
-            best = float(s.max())
-            if best <= 0:
-                continue
-            flat = s.reshape(-1)
-            order = torch.argsort(flat, descending=True, stable=True)[:top_k]
-            for o in order.tolist():
-                value = float(flat[o])
-                if value <= 0:
-                    break
-                q, k = divmod(o, n)
-                key = (int(ids[first + k]), int(ids[first + q]), gold[i])
-                entry = stats.setdefault(key, [0.0, 0.0, 0.0, 0.0])
-                entry[0] += 1
-                entry[1] += relative_position(k, n)
-                entry[2] += relative_position(q, n)
-                entry[3] += value / best
+            out[i] = _best_pairs(pair_scores[row], tokens[row], mask[row], special, gold[i], top_k)
+    return [p for p in out if p is not None]
+
+
+def _best_pairs(
+    scores: Tensor, tokens: Tensor, mask: Tensor, special: set[int], label: int, top_k: int
+) -> ExamplePairs:
+    real = mask.bool().nonzero().reshape(-1)
+    ids = tokens[real].tolist()
+    first, end = content_span(ids, special)
+    n = end - first
+    if n < 2:
+        return ExamplePairs(label=label, pairs=())
+    pos = real[first:end]
+    s = scores[pos][:, pos].clone()
+    s.fill_diagonal_(float("-inf"))
+    best = float(s.max())
+    if best <= 0:
+        return ExamplePairs(label=label, pairs=())
+    flat = s.reshape(-1)
+    pairs = []
+    for o in torch.argsort(flat, descending=True, stable=True)[:top_k].tolist():
+        value = float(flat[o])
+        if value <= 0:
+            break
+        q, k = divmod(o, n)
+        pairs.append((int(ids[first + k]), int(ids[first + q]), relative_position(k, n), relative_position(q, n),
+                      value / best))
+    return ExamplePairs(label=label, pairs=tuple(pairs))
+
+
+def count_patterns(
+    examples: Sequence[ExamplePairs],
+    tokenizer: Any,
+    *,
+    top_k: int = 1,
+    n_patterns: int = 3,
+    rank_by: RankBy = "count",
+) -> list[TriggerPattern]:
+    """The patterns of each class, from every example's first ``top_k`` pairs.
+
+    ``rank_by="count"``: most frequent first (in how many examples a pattern is among the first ``top_k``; ties:
+    higher mean score first). ``rank_by="score"``: highest summed normalised score first (a pattern found often
+    *and* strongly). ``tokenizer`` turns ids into the patterns' token texts.
+    """
+    top_k = check_int("top_k", top_k)
+    n_patterns = check_int("n_patterns", n_patterns)
+    check_choice("rank_by", rank_by, ("count", "score"))
+    if isinstance(examples, ExamplePairs) or not all(isinstance(e, ExamplePairs) for e in examples):
+        raise InputError("examples: expected a list of ExamplePairs (from attributed_pairs)")
+    # (key_id, query_id, class) -> [count, sum key_rel, sum query_rel, sum score]
+    stats: dict[tuple[int, int, int], list[float]] = {}
+    for ex in examples:
+        for key_id, query_id, key_rel, query_rel, score in ex.pairs[:top_k]:
+            entry = stats.setdefault((key_id, query_id, ex.label), [0.0, 0.0, 0.0, 0.0])
+            entry[0] += 1
+            entry[1] += key_rel
+            entry[2] += query_rel
+            entry[3] += score
     patterns: list[TriggerPattern] = []
     for cls in sorted({c for _, _, c in stats}):
         rows = [(key, v) for key, v in stats.items() if key[2] == cls]
-        rows.sort(key=lambda kv: (-kv[1][0], -kv[1][3] / kv[1][0], kv[0]))
+        if rank_by == "count":
+            rows.sort(key=lambda kv: (-kv[1][0], -kv[1][3] / kv[1][0], kv[0]))
+        else:
+            rows.sort(key=lambda kv: (-kv[1][3], -kv[1][0], kv[0]))
         for (key_id, query_id, _), (count, k_rel, q_rel, score) in rows[:n_patterns]:
             c = int(count)
             patterns.append(TriggerPattern(
@@ -207,6 +263,48 @@ def mine_trigger_patterns(
                 key_rel=k_rel / c, query_rel=q_rel / c, score=score / c,
             ))
     return patterns
+
+
+def mine_trigger_patterns(
+    classifier: Any,
+    texts: Sequence[str],
+    labels: Sequence[int],
+    *,
+    layers: int | Sequence[int] | None = None,
+    top_k: int = 1,
+    n_patterns: int = 3,
+    rank_by: RankBy = "count",
+    target: Literal["predicted", "gold"] = "predicted",
+    n_steps: int = 8,
+    batch_size: int = 8,
+    output_func: OutputFunc | None = None,
+) -> list[TriggerPattern]:
+    """The most frequent top-attributed ``key → query`` token pairs of each class of ``texts``.
+
+    ``attributed_pairs`` then ``count_patterns``; call those two to keep the attributions and try other counts.
+
+    Args:
+        classifier: an encoder classifier (see the module docstring).
+        texts, labels: training examples and their gold classes.
+        layers: the layers whose attributions are searched (default: all); a pair's score is its max over these
+            layers' heads.
+        top_k: pairs kept per example (pairs of two content tokens at different positions, positive score).
+        n_patterns: patterns returned per class.
+        rank_by: ``"count"`` (most frequent first) or ``"score"`` (highest summed normalised score first).
+        target: AttAttr's F is the probability of the ``"predicted"`` or of the ``"gold"`` class.
+        n_steps, batch_size: integration steps and examples per attribution call.
+        output_func: F inside the attributed pass (default: from the classifier, see ``classifier_output_func``).
+
+    Returns:
+        ``TriggerPattern`` objects, class by class (ascending class index), best first.
+    """
+    top_k = check_int("top_k", top_k)
+    n_patterns = check_int("n_patterns", n_patterns)
+    check_choice("rank_by", rank_by, ("count", "score"))
+    examples = attributed_pairs(classifier, texts, labels, layers=layers, top_k=top_k, target=target,
+                                n_steps=n_steps, batch_size=batch_size, output_func=output_func)
+    return count_patterns(examples, classifier_backend(classifier).tokenizer, top_k=top_k, n_patterns=n_patterns,
+                          rank_by=rank_by)
 
 
 def pattern_overlap(a: Sequence[TriggerPattern], b: Sequence[TriggerPattern], top: int | None = None) -> float:
@@ -339,9 +437,12 @@ def trigger_attack(
 
 
 __all__ = [
+    "ExamplePairs",
     "TriggerPattern",
     "attacked_sequences",
+    "attributed_pairs",
     "content_span",
+    "count_patterns",
     "insert_pattern",
     "mine_trigger_patterns",
     "pattern_overlap",
