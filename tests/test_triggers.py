@@ -87,6 +87,31 @@ def test_count_patterns_counts_the_first_top_k_pairs_per_class() -> None:
 
 
 @pytest.mark.line_independent
+def test_key_pooling_counts_a_key_over_all_its_queries() -> None:
+    ex = [
+        ExamplePairs(label=0, pairs=((7, 1, 0.0, 1.0, 1.0), (5, 6, 0.5, 0.5, 0.8))),
+        ExamplePairs(label=0, pairs=((7, 2, 0.2, 0.6, 1.0), (7, 1, 0.4, 0.8, 0.5))),
+        ExamplePairs(label=0, pairs=((7, 3, 0.5, 0.5, 1.0),)),
+        ExamplePairs(label=0, pairs=((5, 6, 0.0, 1.0, 1.0),)),
+    ]
+    # Exact pairs: (5,6) (mean score 0.9) and (7,1) (0.75) in two examples each, (7,2), (7,3) in one.
+    assert [(p.name, p.count) for p in count_patterns(ex, _Ids(), top_k=2, n_patterns=4)] == [
+        ("t5 → t6", 2), ("t7 → t1", 2), ("t7 → t2", 1), ("t7 → t3", 1)]
+    # Key 7 is read in three examples (twice in the second: counted once), key 5 in two; 7's usual reader is 1.
+    pooled = count_patterns(ex, _Ids(), top_k=2, n_patterns=4, pool="key")
+    assert [(p.name, p.count) for p in pooled] == [("t7 → t1", 3), ("t5 → t6", 2)]
+    assert pooled[0].key_rel == pytest.approx(0.2) and pooled[0].query_rel == pytest.approx(0.9)  # (7, 1)'s places
+    assert pooled[0].score == pytest.approx(3.5 / 3)  # summed over all of key 7's pairs, per example
+    other = count_patterns(ex[1:3], _Ids(), top_k=2, pool="key")  # key 7 read by 2, 1, 3: 2 wins the tie on score
+    assert other[0].name == "t7 → t2"
+    assert pattern_overlap(pooled, other) == 0.0 and pattern_overlap(pooled, other, by="key") == 0.5
+    with pytest.raises(InputError, match="pool"):
+        count_patterns(ex, _Ids(), pool="query")  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="by"):
+        pattern_overlap(pooled, other, by="query")  # type: ignore[arg-type]
+
+
+@pytest.mark.line_independent
 def test_example_pairs_round_trip_through_json() -> None:
     import json
 

@@ -48,7 +48,7 @@ class TriggerPattern:
         key_id, query_id: token ids (the key token is read by the query token).
         key_token, query_token: their texts (tokenizer pieces).
         source_class: the gold class of the training examples it was mined from.
-        count: in how many of those examples it was among the top pairs.
+        count: in how many of those examples it (``pool="key"``: its key token) was among the top pairs.
         key_rel, query_rel: mean relative positions among the content tokens (0 = first, 1 = last).
         score: mean normalised attribution of the pair where it was mined (per example, divided by the example's
             largest pair score).
@@ -121,6 +121,7 @@ def insert_pattern(content: Sequence[int], pattern: TriggerPattern) -> tuple[lis
 
 # ------------------------------------------------------------------------------------------------------- mining
 RankBy = Literal["count", "score"]
+Pool = Literal["pair", "key"]
 
 
 @dataclass(frozen=True)
@@ -227,40 +228,58 @@ def count_patterns(
     top_k: int = 1,
     n_patterns: int = 3,
     rank_by: RankBy = "count",
+    pool: Pool = "pair",
 ) -> list[TriggerPattern]:
     """The patterns of each class, from every example's first ``top_k`` pairs.
 
-    ``rank_by="count"``: most frequent first (in how many examples a pattern is among the first ``top_k``; ties:
-    higher mean score first). ``rank_by="score"``: highest summed normalised score first (a pattern found often
-    *and* strongly). ``tokenizer`` turns ids into the patterns' token texts.
+    ``pool="pair"``: a pattern is one ``key → query`` token pair. ``pool="key"``: pairs are pooled by their key token
+    (the token being read, e.g. a sentiment word, whatever reads it), and the pattern is that key with the query
+    token it was most often read by; exact pairs are rare in short sentences, key tokens recur.
+
+    ``rank_by="count"``: most frequent first (in how many examples the pattern is among the first ``top_k``; ties:
+    higher mean score first). ``rank_by="score"``: highest summed normalised score first (found often *and*
+    strongly). ``tokenizer`` turns ids into the patterns' token texts. Positions are means over the occurrences of
+    the returned pair.
     """
     top_k = check_int("top_k", top_k)
     n_patterns = check_int("n_patterns", n_patterns)
     check_choice("rank_by", rank_by, ("count", "score"))
+    check_choice("pool", pool, ("pair", "key"))
     if isinstance(examples, ExamplePairs) or not all(isinstance(e, ExamplePairs) for e in examples):
         raise InputError("examples: expected a list of ExamplePairs (from attributed_pairs)")
-    # (key_id, query_id, class) -> [count, sum key_rel, sum query_rel, sum score]
-    stats: dict[tuple[int, int, int], list[float]] = {}
-    for ex in examples:
+    # group (class, key_id[, query_id]) -> examples, summed score; pair (key_id, query_id, class) -> occurrences
+    groups: dict[tuple[int, ...], list[Any]] = {}
+    pair_stats: dict[tuple[int, int, int], list[float]] = {}  # [occurrences, sum key_rel, sum query_rel, sum score]
+    for n, ex in enumerate(examples):
         for key_id, query_id, key_rel, query_rel, score in ex.pairs[:top_k]:
-            entry = stats.setdefault((key_id, query_id, ex.label), [0.0, 0.0, 0.0, 0.0])
-            entry[0] += 1
-            entry[1] += key_rel
-            entry[2] += query_rel
-            entry[3] += score
+            group = (ex.label, key_id) if pool == "key" else (ex.label, key_id, query_id)
+            entry = groups.setdefault(group, [set(), 0.0])
+            entry[0].add(n)
+            entry[1] += score
+            stats = pair_stats.setdefault((key_id, query_id, ex.label), [0.0, 0.0, 0.0, 0.0])
+            stats[0] += 1
+            stats[1] += key_rel
+            stats[2] += query_rel
+            stats[3] += score
     patterns: list[TriggerPattern] = []
-    for cls in sorted({c for _, _, c in stats}):
-        rows = [(key, v) for key, v in stats.items() if key[2] == cls]
+    for cls in sorted({g[0] for g in groups}):
+        rows = [(g, len(v[0]), v[1]) for g, v in groups.items() if g[0] == cls]
         if rank_by == "count":
-            rows.sort(key=lambda kv: (-kv[1][0], -kv[1][3] / kv[1][0], kv[0]))
+            rows.sort(key=lambda r: (-r[1], -r[2] / r[1], r[0]))
         else:
-            rows.sort(key=lambda kv: (-kv[1][3], -kv[1][0], kv[0]))
-        for (key_id, query_id, _), (count, k_rel, q_rel, score) in rows[:n_patterns]:
-            c = int(count)
+            rows.sort(key=lambda r: (-r[2], -r[1], r[0]))
+        for group, count, score in rows[:n_patterns]:
+            key_id = group[1]
+            if pool == "key":  # the query it was read by most often (ties: higher summed score, then lower id)
+                query_id = min((q for k, q, c in pair_stats if k == key_id and c == cls),
+                               key=lambda q: (-pair_stats[(key_id, q, cls)][0], -pair_stats[(key_id, q, cls)][3], q))
+            else:
+                query_id = group[2]
+            occ, k_rel, q_rel, _ = pair_stats[(key_id, query_id, cls)]
             patterns.append(TriggerPattern(
                 key_id=key_id, query_id=query_id, key_token=tokenizer.convert_ids_to_tokens(key_id),
-                query_token=tokenizer.convert_ids_to_tokens(query_id), source_class=cls, count=c,
-                key_rel=k_rel / c, query_rel=q_rel / c, score=score / c,
+                query_token=tokenizer.convert_ids_to_tokens(query_id), source_class=cls, count=count,
+                key_rel=k_rel / occ, query_rel=q_rel / occ, score=score / count,
             ))
     return patterns
 
@@ -274,6 +293,7 @@ def mine_trigger_patterns(
     top_k: int = 1,
     n_patterns: int = 3,
     rank_by: RankBy = "count",
+    pool: Pool = "pair",
     target: Literal["predicted", "gold"] = "predicted",
     n_steps: int = 8,
     batch_size: int = 8,
@@ -291,6 +311,7 @@ def mine_trigger_patterns(
         top_k: pairs kept per example (pairs of two content tokens at different positions, positive score).
         n_patterns: patterns returned per class.
         rank_by: ``"count"`` (most frequent first) or ``"score"`` (highest summed normalised score first).
+        pool: ``"pair"`` (exact token pairs) or ``"key"`` (pairs pooled by key token; see ``count_patterns``).
         target: AttAttr's F is the probability of the ``"predicted"`` or of the ``"gold"`` class.
         n_steps, batch_size: integration steps and examples per attribution call.
         output_func: F inside the attributed pass (default: from the classifier, see ``classifier_output_func``).
@@ -301,18 +322,22 @@ def mine_trigger_patterns(
     top_k = check_int("top_k", top_k)
     n_patterns = check_int("n_patterns", n_patterns)
     check_choice("rank_by", rank_by, ("count", "score"))
+    check_choice("pool", pool, ("pair", "key"))
     examples = attributed_pairs(classifier, texts, labels, layers=layers, top_k=top_k, target=target,
                                 n_steps=n_steps, batch_size=batch_size, output_func=output_func)
     return count_patterns(examples, classifier_backend(classifier).tokenizer, top_k=top_k, n_patterns=n_patterns,
                           rank_by=rank_by)
 
 
-def pattern_overlap(a: Sequence[TriggerPattern], b: Sequence[TriggerPattern], top: int | None = None) -> float:
+def pattern_overlap(
+    a: Sequence[TriggerPattern], b: Sequence[TriggerPattern], top: int | None = None, *, by: Pool = "pair"
+) -> float:
     """Share of the patterns mined on one example set that were also mined on another (same tokens, same class).
 
     With ``top``, only the ``top`` most frequent patterns of each class of each list are compared (the lists of
     ``mine_trigger_patterns`` are most frequent first). Returns ``|A ∩ B| / |A|`` (1.0: ``b`` found all of ``a``);
-    a stable mining gives a high overlap between two disjoint example sets.
+    a stable mining gives a high overlap between two disjoint example sets. ``by="key"`` compares key tokens only
+    (for ``pool="key"`` patterns, whose query is the key's most frequent partner).
     """
     def keys(ps: Sequence[TriggerPattern]) -> list[tuple[int, int, int]]:
         if not all(isinstance(p, TriggerPattern) for p in ps):
@@ -322,11 +347,12 @@ def pattern_overlap(a: Sequence[TriggerPattern], b: Sequence[TriggerPattern], to
         for p in ps:
             seen[p.source_class] = seen.get(p.source_class, 0) + 1
             if top is None or seen[p.source_class] <= top:
-                out.append((p.key_id, p.query_id, p.source_class))
+                out.append((p.key_id, p.query_id if by == "pair" else -1, p.source_class))
         return out
 
     if top is not None:
         top = check_int("top", top)
+    check_choice("by", by, ("pair", "key"))
     ka, kb = keys(a), set(keys(b))
     if not ka:
         raise InputError("a: expected at least one TriggerPattern")
