@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from at2_lens.data import SQUAD_V2_DEV_SUBSET
-from at2_lens.evaluation.squad import is_held_out
+from at2_lens.evaluation.squad import is_held_out, squad_split
 
 pytestmark = pytest.mark.line_independent
 
@@ -268,12 +268,19 @@ def test_rescore_on_smollm2_equals_a_fresh_run(tmp_path: Path) -> None:
 
     import at2_lens
 
-    data = SQUAD_V2_DEV_SUBSET
+    # One short held-out paragraph (task 7: 380 characters, 4 sentences), so each of the three runs is cheap.
+    _, held = squad_split(SQUAD_V2_DEV_SUBSET)
+    squad = json.loads(Path(SQUAD_V2_DEV_SUBSET).read_text(encoding="utf-8"))
+    for article in squad["data"]:
+        article["paragraphs"] = [p for p in article["paragraphs"] if p["context"] == held[7].context]
+    squad["data"] = [a for a in squad["data"] if a["paragraphs"]]
+    data = tmp_path / "one_paragraph.json"
+    data.write_text(json.dumps(squad), encoding="utf-8")
     shipped = at2_lens.load_estimator()
     other = tmp_path / "other.safetensors"
     dataclasses.replace(shipped, weights=shipped.weights.flip(0)).save(other)  # layers reversed: other rankings
-    base = ["--model", "smollm2", "--small", "--limit", "1", "--methods", "at2,avg_attention", "--metrics",
-            "lds,kendall_loo", "--n-eval-masks", "8", "--data", str(data)]
+    base = ["--model", "smollm2", "--small", "--limit", "1", "--methods", "at2,avg_attention",
+            "--metrics", "lds,kendall_loo", "--n-eval-masks", "8", "--data", str(data)]
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, str(SCRIPT), *base, *args], capture_output=True, text=True, cwd=ROOT,

@@ -279,13 +279,13 @@ def test_random_pruning_draws_and_shared_cache(tiny_classifiers: dict[str, TinyC
 def test_minilm_sst2_pruning_small(minilm: object) -> None:
     from at2_lens.models.classifier import load_minilm_sst2, load_sst2
 
-    texts, labels = load_sst2("validation", limit=80)
+    texts, labels = load_sst2("validation", limit=40)
     clf = load_minilm_sst2(model=minilm)
-    imp_texts, imp_labels = texts[:16], labels[:16]
-    eval_texts, eval_labels = texts[16:80], labels[16:80]
+    imp_texts, imp_labels = texts[:8], labels[:8]
+    eval_texts, eval_labels = texts[8:40], labels[8:40]
     df = compare_pruning(
         clf, imp_texts, imp_labels, eval_texts, eval_labels, fractions=(0.0, 0.5, 1.0),
-        method_kwargs={"attattr": {"n_steps": 8}},
+        method_kwargs={"attattr": {"n_steps": 4}},
     )
     print(df.to_string())
     for method, imp in df.attrs["importance"].items():
