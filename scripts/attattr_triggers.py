@@ -68,6 +68,8 @@ def main() -> int:
     warnings.filterwarnings("ignore")
 
 
+    import pandas as pd
+
     from at2_lens.attattr.triggers import (
         ExamplePairs,
         attributed_pairs,
@@ -121,6 +123,7 @@ def main() -> int:
 
     report: list[str] = []
     top_k, rank_by, pool = args.top_k, "count", "pair"
+    extra, left, right = False, "C", "D"
     if args.stability:
         def overlap(a: list[ExamplePairs], b: list[ExamplePairs], k: int, rank: str, how: str) -> float:
             pa = count_patterns(a, tokenizer, top_k=k, n_patterns=args.overlap_top, rank_by=rank, pool=how)
@@ -169,11 +172,18 @@ def main() -> int:
         if extra:
             report.append(f"| {len(left) * args.n_train} | {'+'.join(left)} / {'+'.join(right)} | "
                           f"{overlap(union(left), union(right), top_k, rank_by, pool) * 100:.0f} % |")
-    mined_on = "+".join(names)
-    everything = [e for name in names for e in pairs[name]]
-    patterns = count_patterns(everything, tokenizer, top_k=top_k, n_patterns=args.n_patterns, rank_by=rank_by,
-                              pool=pool)
-    df = trigger_attack(clf, patterns, eval_texts, eval_labels, examples=args.examples).assign(mined_on=mined_on)
+    # The attack: the chosen rule's patterns mined on all samples and, with --stability, on each of the two disjoint
+    # halves measured last (do triggers mined apart attack alike?).
+    groups = {"+".join(names): list(names)}
+    if args.stability:
+        groups.update({"+".join(left): list(left), "+".join(right): list(right)})
+    frames = []
+    for mined_on, members in groups.items():
+        patterns = count_patterns([e for name in members for e in pairs[name]], tokenizer, top_k=top_k,
+                                  n_patterns=args.n_patterns, rank_by=rank_by, pool=pool)
+        frames.append(trigger_attack(clf, patterns, eval_texts, eval_labels, examples=args.examples)
+                      .assign(mined_on=mined_on))
+    df = pd.concat(frames, ignore_index=True)
     t2 = time.perf_counter()
     header = (f"{clf.backend.describe()} ({args.classifier}): {len(names)} × {args.n_train} training phrases "
               f"attributed (layers {args.layers}, {args.n_steps} steps) in {t1 - t0:.0f} s; patterns: {pool}, top "
@@ -187,6 +197,11 @@ def main() -> int:
         report.append(f"| {r.mined_on} | {r.pattern} | {clf.labels[r.source_class]} | {r.mined_count} | "
                       f"{r.n_examples} | {r.accuracy_before * 100:.1f} | {r.accuracy_after * 100:.1f} | "
                       f"{r.drop * 100:+.1f} | {r.flipped * 100:.1f} |")
+    if args.stability:
+        means = df.groupby("mined_on", sort=False)[["drop", "flipped"]].mean()
+        report.append("\nMean over each set's patterns: " + "; ".join(
+            f"{name}: drop {r['drop'] * 100:+.1f} points, flipped {r['flipped'] * 100:.1f} %"
+            for name, r in means.iterrows()))
     text = "\n".join(report)
     print(text)
     if args.csv:
