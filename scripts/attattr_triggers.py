@@ -77,7 +77,6 @@ def main() -> int:
         pattern_overlap,
         trigger_attack,
     )
-    from at2_lens.errors import InputError
     from at2_lens.files import atomic_write_text
     from at2_lens.models.classifier import load_minilm_sst2, load_sst2
     from at2_lens.models.finetuned import load_minilm_sst2_finetuned
@@ -94,26 +93,30 @@ def main() -> int:
     sample = random.Random(args.seed).sample(pool, min(len(names) * args.n_train, len(pool)))
     sets = {name: sorted(sample[k * args.n_train:(k + 1) * args.n_train]) for k, name in enumerate(names)}
     eval_texts, eval_labels = load_sst2("validation", limit=args.n_eval or None, data_dir=args.data_dir)
-    clf = load_minilm_sst2_finetuned() if args.classifier == "finetuned" else load_minilm_sst2()
-    tokenizer = clf.backend.tokenizer
     layers = [int(x) for x in args.layers.split(",")]
     settings = {"classifier": args.classifier, "seed": args.seed, "n_train": args.n_train, "layers": layers,
                 "n_steps": args.n_steps, "keep": keep, "min_words": args.min_words}
 
+    # Saved samples are read and checked before the model loads: a directory of other settings fails at once.
     pairs: dict[str, list[ExamplePairs]] = {}
-    t0 = time.perf_counter()
-    for name, pick in sets.items():
-        path = Path(args.pairs_dir) / f"pairs_{name}.json" if args.pairs_dir else None
+    paths = {name: Path(args.pairs_dir) / f"pairs_{name}.json" if args.pairs_dir else None for name in sets}
+    for name, path in paths.items():
         if path is not None and path.exists():
             saved = json.loads(path.read_text())
-            if saved.get("settings") != settings or saved.get("phrases") != pick:
-                raise InputError(f"--pairs-dir: {path} was mined with other settings or phrases "
-                                 f"({saved.get('settings')}, not {settings}); use another directory")
+            if saved.get("settings") != settings or saved.get("phrases") != sets[name]:
+                parser.error(f"--pairs-dir: {path} was mined with other settings or phrases "
+                             f"({saved.get('settings')}, not {settings}); use another directory")
             pairs[name] = [ExamplePairs.from_dict(d) for d in saved["examples"]]
             print(f"sample {name}: {len(pairs[name])} examples read from {path}", flush=True)
+    clf = load_minilm_sst2_finetuned() if args.classifier == "finetuned" else load_minilm_sst2()
+    tokenizer = clf.backend.tokenizer
+    t0 = time.perf_counter()
+    for name, pick in sets.items():
+        if name in pairs:
             continue
         pairs[name] = attributed_pairs(clf, [train_texts[i] for i in pick], [train_labels[i] for i in pick],
                                        layers=layers, top_k=keep, n_steps=args.n_steps)
+        path = paths[name]
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, json.dumps({"settings": settings, "phrases": pick,

@@ -257,3 +257,38 @@ def test_minilm_sst2_triggers(minilm: object) -> None:
     with torch.no_grad():
         acc = (clf.forward(tokens, mask).argmax(-1) == torch.tensor(eval_labels)).float().mean().item()
     assert df["accuracy_after"].iloc[0] == pytest.approx(acc)
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_stability_script_saves_pairs_and_reuses_them(tmp_path: object) -> None:
+    """scripts/attattr_triggers.py --stability on the fine-tuned MiniLM, tiny sizes: four samples' pairs saved as
+    JSON (with the phrase indices), the rule chosen on A/B, and a second run reads the pairs instead of attributing."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    pairs_dir = Path(str(tmp_path)) / "pairs"
+    cmd = [sys.executable, str(root / "scripts" / "attattr_triggers.py"), "--stability", "--n-train", "3",
+           "--n-eval", "8", "--top-ks", "1,2", "--keep", "2", "--overlap-top", "2", "--n-patterns", "1",
+           "--n-steps", "4", "--pairs-dir", str(pairs_dir)]
+    first = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    saved = {n: json.loads((pairs_dir / f"pairs_{n}.json").read_text()) for n in "ABCD"}
+    picks = [set(d["phrases"]) for d in saved.values()]
+    assert all(len(p) == 3 for p in picks) and len(set.union(*picks)) == 12  # disjoint samples
+    assert all(len(d["examples"]) == 3 and all(len(e["pairs"]) <= 2 for e in d["examples"]) for d in saved.values())
+    assert "(chosen)" in first.stdout and first.stdout.count("| pair |") == 4 and first.stdout.count("| key |") == 4
+    assert "Mean over each set's patterns: A+B+C+D:" in first.stdout
+    second = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert second.stdout.count("examples read from") == 4
+    # Same pairs, same report (apart from the timings in the first line and the per-sample progress lines).
+    report = [ln for ln in first.stdout.splitlines() if ln.startswith("|")]
+    assert report == [ln for ln in second.stdout.splitlines() if ln.startswith("|")]
+    # Other settings in the same directory are refused, naming the option.
+    third = subprocess.run([*cmd[:-2], "--n-steps", "8", "--pairs-dir", str(pairs_dir)], capture_output=True,
+                           text=True, cwd=root, timeout=600)
+    assert third.returncode == 2 and "--pairs-dir" in third.stderr and "Traceback" not in third.stderr
