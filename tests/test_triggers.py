@@ -181,6 +181,12 @@ def test_mining_on_the_tiny_bert(tiny_clf: TinyClassifier) -> None:
         assert len(e.pairs) <= 5 and (not e.pairs or e.pairs[0][4] == pytest.approx(1.0))
         assert [s for *_, s in e.pairs] == sorted((s for *_, s in e.pairs), reverse=True)
     assert count_patterns(pairs, tiny_clf.backend.tokenizer, top_k=2, n_patterns=2) == patterns
+    pooled = mine_trigger_patterns(tiny_clf, TEXTS, LABELS, top_k=5, n_patterns=3, n_steps=4, batch_size=2,
+                                   pool="key", rank_by="score")
+    assert pooled == count_patterns(pairs, tiny_clf.backend.tokenizer, top_k=5, n_patterns=3, pool="key",
+                                    rank_by="score")
+    keys = [(p.source_class, p.key_id) for p in pooled]
+    assert len(keys) == len(set(keys))  # one pattern per key and class
     # One layer only works too and is deterministic.
     a = mine_trigger_patterns(tiny_clf, TEXTS, LABELS, layers=1, n_steps=4)
     assert a == mine_trigger_patterns(tiny_clf, TEXTS, LABELS, layers=[1], n_steps=4)

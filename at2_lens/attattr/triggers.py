@@ -326,7 +326,7 @@ def mine_trigger_patterns(
     examples = attributed_pairs(classifier, texts, labels, layers=layers, top_k=top_k, target=target,
                                 n_steps=n_steps, batch_size=batch_size, output_func=output_func)
     return count_patterns(examples, classifier_backend(classifier).tokenizer, top_k=top_k, n_patterns=n_patterns,
-                          rank_by=rank_by)
+                          rank_by=rank_by, pool=pool)
 
 
 def pattern_overlap(
