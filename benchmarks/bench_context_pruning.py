@@ -401,13 +401,22 @@ def label_prompt(df: pd.DataFrame, prompt: str) -> pd.DataFrame:
 
 
 def read_results(paths: Sequence[str]) -> pd.DataFrame:
-    """The rows of several results files, each labelled with the prompt its settings name."""
+    """The rows of several results files, each labelled with the prompt its settings name.
+
+    Files of the same suite and prompt combine (a second run adding methods on the same tasks): the rows both hold
+    (``full``, ``oracle``, ``random``: the same for every method list) are kept once, and must agree."""
     frames = []
     for p in paths:
         meta = Path(p).with_suffix(".json")
         prompt = json.loads(meta.read_text())["settings"].get("prompt", "default") if meta.is_file() else "default"
         frames.append(label_prompt(pd.read_csv(p, keep_default_na=False, na_values=[""]), prompt))
-    return pd.concat(frames, ignore_index=True)
+    df = pd.concat(frames, ignore_index=True)
+    key = ["suite", "split", "task", "method", "rule", "value"]
+    both = df[df.duplicated(key, keep=False)]
+    if not both.empty and (both.groupby(key)[["answer", "kept"]].nunique() > 1).any(axis=None):
+        raise SystemExit(f"{', '.join(paths)}: rows of the same task, method and rule differ between files (other "
+                         "settings?)")
+    return df.drop_duplicates(key, ignore_index=True)
 
 
 def select_prompt(model: Any, data: str, limit: int, max_new_tokens: int) -> str:

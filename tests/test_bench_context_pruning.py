@@ -177,6 +177,25 @@ def test_results_under_another_prompt_are_reported_as_their_own_suite(tmp_path: 
     assert bench.choose_masses(both) == {("squad", "at2"): 0.5, ("squad (short_query)", "at2"): 0.5}
 
 
+def test_a_second_run_adding_methods_combines_with_the_first(tmp_path: Path) -> None:
+    df = _frame()
+    first = df[df.method != "at2"]  # full context only
+    second = df.copy()  # full again (identical rows) and at2
+    second.loc[second.method == "at2", "method"] = "loo"
+    for name, part in (("a", first), ("b", second)):
+        part.to_csv(tmp_path / f"{name}.csv", index=False)
+        (tmp_path / f"{name}.json").write_text('{"settings": {"prompt": "default"}}')
+    both = bench.read_results([str(tmp_path / "a.csv"), str(tmp_path / "b.csv")])
+    assert len(both) == len(df) and set(both["method"]) == {"full", "loo"}  # the shared rows once
+    assert bench.choose_masses(both) == {("squad", "loo"): 0.5}
+    # Shared rows that disagree (another model or prompt written without its settings) are refused.
+    bad = second.copy()
+    bad.loc[bad.method == "full", "answer"] = "other"
+    bad.to_csv(tmp_path / "b.csv", index=False)
+    with pytest.raises(SystemExit, match="differ between files"):
+        bench.read_results([str(tmp_path / "a.csv"), str(tmp_path / "b.csv")])
+
+
 RESULTS = ROOT / "benchmarks" / "results"
 
 
