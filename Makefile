@@ -16,7 +16,8 @@ PYTEST_ARGS ?=
 # Tests run in parallel, one worker per core, one torch thread per worker (pytest-xdist).
 XDIST ?= -n auto --dist worksteal
 
-.PHONY: demo test test-tl4 tl4-suite test-tl3 standalone-check wheel-check bench-small notebooks lint env clean
+.PHONY: demo test test-tl4 tl4-suite test-tl3 standalone-check wheel-check bench-small bench-small-faithfulness \
+	bench-small-pruning notebooks lint env clean
 
 # --no-compile: pip would byte-compile all ~18,700 installed .py files (about 60 s of CPU per environment, measured);
 # one process of the suite imports about 4,600 of them, which Python compiles (and caches) on first import.
@@ -51,7 +52,7 @@ demo: .venv/.ready
 test:
 	$(MAKE) -j2 --output-sync=target .venv/.docs-ready .venv-tl3/.ready
 	$(MAKE) tl4-suite NOTEBOOKS_IN_SUITE=1
-	$(MAKE) -j2 --output-sync=target docs bench-small standalone-check wheel-check
+	$(MAKE) -j2 --output-sync=target bench-small-faithfulness wheel-check bench-small-pruning docs standalone-check
 	$(MAKE) test-tl3
 
 # The project stands alone: a clone of the committed tree in a temporary directory (no folder beside it) runs the
@@ -68,12 +69,13 @@ standalone-check: .venv/.ready
 test-tl4: tl4-suite
 	$(MAKE) docs bench-small
 
-# With NOTEBOOKS_IN_SUITE=1 (make test) the notebooks run in the same pytest session as the tests.
+# With NOTEBOOKS_IN_SUITE=1 (make test) the notebooks run in the same pytest session as the tests, collected first:
+# the longest items start first and the short tests fill the gaps (xdist worksteal).
 tl4-suite: .venv/.ready
 	@echo "== TransformerLens 4.x =="
 	.venv/bin/ruff check at2_lens tests benchmarks
 ifeq ($(NOTEBOOKS_IN_SUITE),1)
-	OMP_NUM_THREADS=1 .venv/bin/python -m pytest $(XDIST) $(PYTEST_ARGS) tests $(NBMAKE)
+	OMP_NUM_THREADS=1 .venv/bin/python -m pytest $(XDIST) $(PYTEST_ARGS) $(NBMAKE) tests
 else
 	OMP_NUM_THREADS=1 .venv/bin/python -m pytest $(XDIST) $(PYTEST_ARGS)
 	$(MAKE) notebooks
@@ -84,8 +86,10 @@ endif
 # SmolLM2, on one generated multi-document task (the squad suite's --small run is what
 # tests/test_bench_faithfulness.py's test_rescore_on_smollm2_equals_a_fresh_run runs three times, and notebook 04
 # evaluates the same methods and metrics on held-out SQuAD paragraphs, so it is not repeated here); one pruning task.
-bench-small: .venv/.ready
+bench-small: bench-small-faithfulness bench-small-pruning
+bench-small-faithfulness: .venv/.ready
 	.venv/bin/python benchmarks/bench_faithfulness.py --small --suite multidoc --limit 1
+bench-small-pruning: .venv/.ready
 	.venv/bin/python benchmarks/bench_context_pruning.py --small
 
 # The notebooks, executed top to bottom on the real models and the shipped data (a failing cell fails the target).
