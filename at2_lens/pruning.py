@@ -32,8 +32,7 @@ __all__ = ["DEFAULT_MASS", "PrunedContext", "Reanswer", "mass_mask", "prune", "p
            "pruned_context", "top_k_mask"]
 
 # DEFAULT_MASS (the mass share kept when no rule is given) is defined in at2_lens/_defaults.py, a module light enough
-# for ``at2-lens prune --help``; the benchmark's choice on the SQuAD training split is to set it there (provisional
-# until then).
+# for ``at2-lens prune --help``, with the training-task measurement that chose it.
 
 
 def _check_scores(scores: Tensor) -> None:
