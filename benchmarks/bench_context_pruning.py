@@ -260,13 +260,19 @@ def paired_interval(diff: np.ndarray, *, seed: int = 0, n_resamples: int = 2000)
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
+def suite_order(label: str) -> tuple[bool, int, str]:
+    """Sort key of a suite label (``"squad"``, ``"squad (short_query)"``): default prompt first, SUITES order."""
+    base, _, prompt = label.partition(" ")
+    return (bool(prompt), SUITES.index(base) if base in SUITES else len(SUITES), prompt)
+
+
 def summary_rows(df: pd.DataFrame, split: str = "held_out") -> pd.DataFrame:
     """Per suite, method and rule (the mass rule at the share chosen on training tasks): means over the ``split``
     tasks, and the paired F1 difference to the full context with its bootstrap interval."""
     chosen = choose_masses(df)
     d = with_refusals(df[df["split"] == split])
     out = []
-    for suite, s in d.groupby("suite", sort=False):
+    for suite, s in sorted(d.groupby("suite", sort=False), key=lambda kv: suite_order(kv[0])):
         full = s[s["method"] == "full"].set_index("task")
         groups = [("full", "full", None), ("oracle", "oracle", None)]
         for method in [m for m in dict.fromkeys(s["method"]) if m not in ("full", "oracle")]:
@@ -307,6 +313,37 @@ def markdown(summary: pd.DataFrame) -> str:
             ci = "–" if r.method == "full" else f"{r.df1:+.3f} [{r.df1_low:+.3f}, {r.df1_high:+.3f}]"
             lines.append(f"| {r.method} | {r.rule} | {r.em:.3f} | {r.f1:.3f} | {ci} | {r.contains:.2f} | "
                          f"{r.dlogp:+.2f} | {r.kept:.1f} | {r.kept_has_gold:.2f} | {r.words:.1f} | {r.refusal:.2f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def overview(summary: pd.DataFrame) -> str:
+    """The README's compact view of ``summary``: per suite, each method's held-out F1 at every rule, with the paired
+    difference to the full context (its 95 % interval for the mass rule; every interval is in the full tables)."""
+    lines: list[str] = []
+    for suite, s in summary.groupby("suite", sort=False):
+        full = s[s["method"] == "full"].iloc[0]
+        head = (f"**{suite}** ({int(s['tasks'].max())} held-out tasks, {full['n_sources']:.1f} sentences on average): "
+                f"full context F1 {full['f1']:.3f}")
+        orc = s[s["method"] == "oracle"]
+        if not orc.empty:
+            o = orc.iloc[0]
+            head += f", gold sentence {o['f1']:.3f} ({o['df1']:+.3f} [{o['df1_low']:+.3f}, {o['df1_high']:+.3f}])"
+        ks = sorted({r for r in s["rule"] if r.startswith("top-")}, key=lambda r: int(r[4:]))
+        lines += [head, "", "| method | " + " | ".join(ks) + " | mass share chosen on training tasks |",
+                  "|---|" + "---:|" * len(ks) + "---|"]
+        for method in [m for m in dict.fromkeys(s["method"]) if m not in ("full", "oracle")]:
+            g = s[s["method"] == method].set_index("rule")
+            cells = [f"{g.loc[k, 'f1']:.3f} ({g.loc[k, 'df1']:+.3f})" if k in g.index else "–" for k in ks]
+            mass = [r for r in g.index if r.startswith("mass")]
+            if mass:
+                m = g.loc[mass[0]]
+                share = mass[0].split()[1]
+                cells.append(f"{share}: {m['f1']:.3f} ({m['df1']:+.3f} [{m['df1_low']:+.3f}, {m['df1_high']:+.3f}]), "
+                             f"{m['kept']:.1f} kept")
+            else:
+                cells.append("–")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -361,11 +398,14 @@ def report(df: pd.DataFrame, settings: dict[str, Any] | None = None) -> str:
     if chosen:
         head += ["Mass share chosen on the training tasks (best mean F1): " + ", ".join(
             f"{s}/{m} {v:g}" for (s, m), v in chosen.items()), ""]
-    n_train = df[df["split"] == "train"].groupby("suite")["task"].nunique().to_dict()
-    if n_train:
-        head += [f"Training tasks used for the choice: {n_train}", ""]
-    return "\n".join([*head, "## Answer quality (held-out)", "", markdown(summary_rows(df)), "## Diagnosis", "",
-                      diagnosis(df)])
+    mass = df[(df["split"] == "train") & (df["rule"] == "mass")]
+    n_train = mass.groupby(["suite", "method"], sort=False)["task"].nunique()
+    if not n_train.empty:
+        head += ["Training tasks used for the choice: " + ", ".join(
+            f"{s}/{m} {n}" for (s, m), n in n_train.items()), ""]
+    summary = summary_rows(df)
+    return "\n".join([*head, "## Overview (held-out F1, ΔF1 vs full context)", "", overview(summary),
+                      "## Answer quality (held-out)", "", markdown(summary), "## Diagnosis", "", diagnosis(df)])
 
 
 # ---------------------------------------------------------------------------------------------- main

@@ -125,6 +125,9 @@ def test_summary_reports_held_out_means_and_the_paired_difference() -> None:
     md = bench.markdown(summary)
     assert "| at2 | top-1 | 0.000 | 0.750 | +0.250 [+0.250, +0.250] | 1.00 | +0.50 | 2.0 | 1.00 | 1.0 | 0.00 |" in md
     assert "### squad (2 held-out tasks" in md
+    ov = bench.overview(summary)
+    assert "**squad** (2 held-out tasks, 4.0 sentences on average): full context F1 0.500" in ov
+    assert "| at2 | 0.750 (+0.250) | 0.5: 0.250 (-0.250 [-0.250, -0.250]), 2.0 kept |" in ov
 
 
 def test_paired_interval_brackets_the_mean() -> None:
@@ -205,7 +208,9 @@ def test_readme_pruning_table_is_the_report_of_the_committed_results() -> None:
     assert files, "no committed context-pruning results"
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     block = readme.split("<!-- pruning -->", 1)[1].split("<!-- /pruning -->", 1)[0]
-    want = bench.markdown(bench.summary_rows(bench.read_results(files)))
+    summary = bench.summary_rows(bench.read_results(files))
+    want = bench.overview(summary)
     assert [ln.strip() for ln in block.strip().splitlines()] == [ln.strip() for ln in want.strip().splitlines()]
     md = (RESULTS / "context_pruning.md").read_text(encoding="utf-8")
     assert want.strip() in md
+    assert bench.markdown(summary).strip() in md
