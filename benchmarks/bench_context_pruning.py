@@ -275,7 +275,9 @@ def summary_rows(df: pd.DataFrame, split: str = "held_out") -> pd.DataFrame:
     for suite, s in sorted(d.groupby("suite", sort=False), key=lambda kv: suite_order(kv[0])):
         full = s[s["method"] == "full"].set_index("task")
         groups = [("full", "full", None), ("oracle", "oracle", None)]
-        for method in [m for m in dict.fromkeys(s["method"]) if m not in ("full", "oracle")]:
+        order = [*METHODS, "random"]
+        found = [m for m in dict.fromkeys(s["method"]) if m not in ("full", "oracle")]
+        for method in sorted(found, key=lambda m: order.index(m) if m in order else len(order)):
             top = s[(s["method"] == method) & (s["rule"] == "top_k")]
             groups += [(method, "top_k", v) for v in sorted(top["value"].unique())]
             if (suite, method) in chosen:
