@@ -354,7 +354,7 @@ def diagnosis(df: pd.DataFrame, *, method: str = "at2", k: float = 2.0, split: s
     """Task-by-task comparison of the full-context and the ``method`` top-k answers, as counts (per suite)."""
     lines = []
     d = with_refusals(df[df["split"] == split])
-    for suite, s in d.groupby("suite", sort=False):
+    for suite, s in sorted(d.groupby("suite", sort=False), key=lambda kv: suite_order(kv[0])):
         full = s[s["method"] == "full"].set_index("task")
         pr = s[(s["method"] == method) & (s["rule"] == "top_k") & np.isclose(s["value"], k)].set_index("task")
         if pr.empty:
