@@ -332,7 +332,7 @@ def overview(summary: pd.DataFrame) -> str:
             o = orc.iloc[0]
             head += f", gold sentence {o['f1']:.3f} ({o['df1']:+.3f} [{o['df1_low']:+.3f}, {o['df1_high']:+.3f}])"
         ks = sorted({r for r in s["rule"] if r.startswith("top-")}, key=lambda r: int(r[4:]))
-        lines += [head, "", "| method | " + " | ".join(ks) + " | mass share chosen on training tasks |",
+        lines += [head, "", "| method | " + " | ".join([*ks, "mass share chosen on training tasks"]) + " |",
                   "|---|" + "---:|" * len(ks) + "---|"]
         for method in [m for m in dict.fromkeys(s["method"]) if m not in ("full", "oracle")]:
             g = s[s["method"] == method].set_index("rule")

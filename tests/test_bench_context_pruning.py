@@ -128,6 +128,8 @@ def test_summary_reports_held_out_means_and_the_paired_difference() -> None:
     ov = bench.overview(summary)
     assert "**squad** (2 held-out tasks, 4.0 sentences on average): full context F1 0.500" in ov
     assert "| at2 | 0.750 (+0.250) | 0.5: 0.250 (-0.250 [-0.250, -0.250]), 2.0 kept |" in ov
+    mass_only = bench.overview(summary[summary["rule"] != "top-1"])  # no top-k rule: no empty column
+    assert "| method | mass share chosen on training tasks |\n|---|---|" in mass_only
 
 
 def test_paired_interval_brackets_the_mean() -> None:
