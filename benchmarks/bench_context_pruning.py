@@ -64,6 +64,7 @@ from _resume import load_partial, save_partial  # noqa: E402
 DEFAULT_DATA = SQUAD_V2_DEV_SUBSET
 SUITES = ("squad", "multidoc", "long")
 METHODS = ("at2", "at2_refined8", "contextcite32", "loo", "avg_attention")
+METHOD_ORDER = (*METHODS, "random")  # the order of the methods in every table
 MASSES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 KS = (1, 2, 3)
 LONG_OTHERS = 3
@@ -266,18 +267,22 @@ def suite_order(label: str) -> tuple[bool, int, str]:
     return (bool(prompt), SUITES.index(base) if base in SUITES else len(SUITES), prompt)
 
 
+def by_suite(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """``df``'s rows per suite, in ``suite_order``: the order of every table of the report."""
+    return sorted(df.groupby("suite", sort=False), key=lambda kv: suite_order(kv[0]))
+
+
 def summary_rows(df: pd.DataFrame, split: str = "held_out") -> pd.DataFrame:
     """Per suite, method and rule (the mass rule at the share chosen on training tasks): means over the ``split``
     tasks, and the paired F1 difference to the full context with its bootstrap interval."""
     chosen = choose_masses(df)
     d = with_refusals(df[df["split"] == split])
     out = []
-    for suite, s in sorted(d.groupby("suite", sort=False), key=lambda kv: suite_order(kv[0])):
+    for suite, s in by_suite(d):
         full = s[s["method"] == "full"].set_index("task")
         groups = [("full", "full", None), ("oracle", "oracle", None)]
-        order = [*METHODS, "random"]
         found = [m for m in dict.fromkeys(s["method"]) if m not in ("full", "oracle")]
-        for method in sorted(found, key=lambda m: order.index(m) if m in order else len(order)):
+        for method in sorted(found, key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER)):
             top = s[(s["method"] == method) & (s["rule"] == "top_k")]
             groups += [(method, "top_k", v) for v in sorted(top["value"].unique())]
             if (suite, method) in chosen:
@@ -293,7 +298,8 @@ def summary_rows(df: pd.DataFrame, split: str = "held_out") -> pd.DataFrame:
             low, high = paired_interval(diff)
             label = (f"top-{int(value)}" if rule == "top_k" else f"mass {value:g} (train)" if rule == "mass"
                      else "full context" if rule == "full" else "gold sentence(s)")
-            out.append({"suite": suite, "method": method, "rule": label, "tasks": len(g), "em": g["em"].mean(),
+            out.append({"suite": suite, "method": method, "rule": label, "kind": rule, "value": value,
+                        "tasks": len(g), "em": g["em"].mean(),
                         "f1": g["f1"].mean(), "df1": diff.mean(), "df1_low": low, "df1_high": high,
                         "contains": g["contains"].mean(), "dlogp": g["delta_log_prob"].mean(),
                         "kept": g["kept"].mean(), "n_sources": g["n_sources"].mean(),
@@ -331,20 +337,22 @@ def overview(summary: pd.DataFrame) -> str:
         if not orc.empty:
             o = orc.iloc[0]
             head += f", gold sentence {o['f1']:.3f} ({o['df1']:+.3f} [{o['df1_low']:+.3f}, {o['df1_high']:+.3f}])"
-        ks = sorted({r for r in s["rule"] if r.startswith("top-")}, key=lambda r: int(r[4:]))
-        lines += [head, "", "| method | " + " | ".join([*ks, "mass share chosen on training tasks"]) + " |",
-                  "|---|" + "---:|" * len(ks) + "---|"]
+        top = s[s["kind"] == "top_k"]
+        labels = dict(zip(top["value"], top["rule"], strict=False))  # k -> "top-k"
+        ks = sorted(labels)
+        lines += [head, "", "| method | " + " | ".join([*(labels[k] for k in ks), "mass share chosen on training "
+                  "tasks"]) + " |", "|---|" + "---:|" * len(ks) + "---|"]
         for method in [m for m in dict.fromkeys(s["method"]) if m not in ("full", "oracle")]:
-            g = s[s["method"] == method].set_index("rule")
-            cells = [f"{g.loc[k, 'f1']:.3f} ({g.loc[k, 'df1']:+.3f})" if k in g.index else "–" for k in ks]
-            mass = [r for r in g.index if r.startswith("mass")]
-            if mass:
-                m = g.loc[mass[0]]
-                share = mass[0].split()[1]
-                cells.append(f"{share}: {m['f1']:.3f} ({m['df1']:+.3f} [{m['df1_low']:+.3f}, {m['df1_high']:+.3f}]), "
-                             f"{m['kept']:.1f} kept")
-            else:
+            g = s[s["method"] == method]
+            at = g[g["kind"] == "top_k"].set_index("value")
+            cells = [f"{at.loc[k, 'f1']:.3f} ({at.loc[k, 'df1']:+.3f})" if k in at.index else "–" for k in ks]
+            mass = g[g["kind"] == "mass"]
+            if mass.empty:
                 cells.append("–")
+            else:
+                m = mass.iloc[0]
+                cells.append(f"{m['value']:g}: {m['f1']:.3f} ({m['df1']:+.3f} [{m['df1_low']:+.3f}, "
+                             f"{m['df1_high']:+.3f}]), {m['kept']:.1f} kept")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -354,7 +362,7 @@ def diagnosis(df: pd.DataFrame, *, method: str = "at2", k: float = 2.0, split: s
     """Task-by-task comparison of the full-context and the ``method`` top-k answers, as counts (per suite)."""
     lines = []
     d = with_refusals(df[df["split"] == split])
-    for suite, s in sorted(d.groupby("suite", sort=False), key=lambda kv: suite_order(kv[0])):
+    for suite, s in by_suite(d):
         full = s[s["method"] == "full"].set_index("task")
         pr = s[(s["method"] == method) & (s["rule"] == "top_k") & np.isclose(s["value"], k)].set_index("task")
         if pr.empty:
